@@ -1,0 +1,188 @@
+"""BaqLinear: a Linear layer whose weight is stored in the BAQ mixed-bitwidth format (see format.py)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import format as fmt
+
+FORCE_TORCH_ENV = "BAQ_HF_FORCE_TORCH"
+
+
+class BaqLinear(nn.Module):
+    """y = x W^T + b with W dequantized from packed per-column-bitwidth codes.
+
+    All quantized data are buffers, so ``state_dict``/safetensors carry them and nothing is pickled.
+    Derived, non-persistent views (per-column bitwidths, segments) are rebuilt by :meth:`post_init`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        n_words: int = 0,
+        group_size: int = -1,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if group_size != -1 and (group_size <= 0 or in_features % group_size):
+            raise ValueError(
+                f"group_size={group_size} must be -1 or divide in_features={in_features}; "
+                "choose a divisor such as 32, 64 or 128"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        n_groups = 1 if group_size == -1 else in_features // group_size
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros(n_words, dtype=torch.int32, **kw))
+        self.register_buffer("bits_header", torch.zeros((in_features + 1) // 2, dtype=torch.uint8, **kw))
+        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
+        self.register_buffer("range_min", torch.zeros(out_features, n_groups, dtype=torch.float16, **kw))
+        self.register_buffer("range_max", torch.ones(out_features, n_groups, dtype=torch.float16, **kw))
+        if group_size != -1:
+            self.register_buffer("group_index", torch.zeros(in_features, dtype=torch.int32, **kw))
+        else:
+            self.group_index = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._stored_bits: torch.Tensor | None = None
+        self._segments: list[fmt.Segment] | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_packed(
+        cls,
+        packed: PackedWeight,
+        bias: torch.Tensor | None,
+        group_size: int,
+        dtype: torch.dtype,
+    ) -> BaqLinear:
+        m, n = packed.shape
+        layer = cls(n, m, bias=bias is not None, n_words=packed.qweight.numel(), group_size=group_size, dtype=dtype)
+        layer.qweight.copy_(packed.qweight)
+        layer.bits_header.copy_(packed.bits_header)
+        layer.perm.copy_(packed.perm)
+        layer.range_min.copy_(packed.range_min)
+        layer.range_max.copy_(packed.range_max)
+        if layer.group_index is not None:
+            layer.group_index.copy_(packed.group_index)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach().to(dtype))
+        layer.post_init()
+        return layer
+
+    def post_init(self) -> None:
+        """Rebuild the derived per-column bitwidths and segments from the loaded header."""
+        self._stored_bits = fmt.unpack_header(self.bits_header.cpu(), self.in_features)
+        self._segments = fmt.segments_from_bits(self._stored_bits, self.out_features)
+
+    @property
+    def stored_bits(self) -> torch.Tensor:
+        if self._stored_bits is None:
+            self.post_init()
+        return self._stored_bits
+
+    @property
+    def segments(self) -> list[fmt.Segment]:
+        if self._segments is None:
+            self.post_init()
+        return self._segments
+
+    def column_bits(self) -> torch.Tensor:
+        """Bitwidth of every input column, in the original column order."""
+        bits = torch.empty_like(self.stored_bits)
+        bits[self.perm.long().cpu()] = self.stored_bits
+        return bits
+
+    # ------------------------------------------------------------------ size accounting
+
+    @property
+    def code_bits(self) -> float:
+        """Mean code bits per weight (the paper's "Avg. Bits")."""
+        return float(self.stored_bits.float().mean())
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    @property
+    def effective_bits(self) -> float:
+        """8 x bytes of every stored tensor (codes, header, ranges, index, bias) / weights."""
+        return 8.0 * self.storage_bytes() / (self.in_features * self.out_features)
+
+    # ------------------------------------------------------------------ compute
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight (out x in), exactly as GPTQ produced it (computed in fp32)."""
+        w = fmt.dequantize_weight(
+            self.qweight,
+            self.stored_bits.to(self.qweight.device),
+            self.perm,
+            self.range_min,
+            self.range_max,
+            self.group_index,
+            self.out_features,
+        )
+        return w if dtype is None else w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not os.environ.get(FORCE_TORCH_ENV):
+            from .kernels import baq_linear_forward
+
+            return baq_linear_forward(x, self)
+        return F.linear(x, self.dequantize(x.dtype), self.bias if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}, "
+            f"code_bits={self.code_bits:.3f}, effective_bits={self.effective_bits:.3f}"
+        )
+
+
+class PackedWeight:
+    """The storage tensors of one quantized weight, as produced by :func:`pack_weight`."""
+
+    def __init__(self, shape, qweight, bits_header, perm, range_min, range_max, group_index):
+        self.shape = shape
+        self.qweight = qweight
+        self.bits_header = bits_header
+        self.perm = perm
+        self.range_min = range_min
+        self.range_max = range_max
+        self.group_index = group_index
+
+
+def pack_weight(
+    codes: torch.Tensor,
+    bits: torch.Tensor,
+    range_min: torch.Tensor,
+    range_max: torch.Tensor,
+    group_of_column: torch.Tensor | None,
+) -> PackedWeight:
+    """Sort columns by bitwidth and pack them.
+
+    ``codes`` (M x N), ``bits`` (N) and ``group_of_column`` (N) are in the original column order.
+    """
+    bits = bits.cpu().long()
+    perm = torch.sort(bits, stable=True).indices
+    stored_bits = bits[perm]
+    qweight = fmt.pack_codes(codes.cpu()[:, perm], stored_bits)
+    return PackedWeight(
+        shape=tuple(codes.shape),
+        qweight=qweight,
+        bits_header=fmt.pack_header(stored_bits),
+        perm=perm.to(torch.int32),
+        range_min=range_min.cpu().half(),
+        range_max=range_max.cpu().half(),
+        group_index=None if group_of_column is None else group_of_column.cpu()[perm].to(torch.int32),
+    )
