@@ -41,7 +41,10 @@ class BaqLinear(nn.Module):
         self.group_size = group_size
         n_groups = 1 if group_size == -1 else in_features // group_size
         kw = {"device": device}
-        self.register_buffer("qweight", torch.zeros(n_words, dtype=torch.int32, **kw))
+        # The packed codes are stored under the name "weight" on purpose: loading a BAQ checkpoint
+        # without `import baq_hf` then fails loudly on a shape mismatch instead of silently
+        # initializing random Linear weights (transformers skips unknown quantization methods).
+        self.register_buffer("weight", torch.zeros(n_words, dtype=torch.int32, **kw))
         self.register_buffer("bits_header", torch.zeros((in_features + 1) // 2, dtype=torch.uint8, **kw))
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
         self.register_buffer("range_min", torch.zeros(out_features, n_groups, dtype=torch.float16, **kw))
@@ -68,8 +71,10 @@ class BaqLinear(nn.Module):
         dtype: torch.dtype,
     ) -> BaqLinear:
         m, n = packed.shape
-        layer = cls(n, m, bias=bias is not None, n_words=packed.qweight.numel(), group_size=group_size, dtype=dtype)
-        layer.qweight.copy_(packed.qweight)
+        layer = cls(
+            n, m, bias=bias is not None, n_words=packed.qweight.numel(), group_size=group_size, dtype=dtype
+        )
+        layer.weight.copy_(packed.qweight)
         layer.bits_header.copy_(packed.bits_header)
         layer.perm.copy_(packed.perm)
         layer.range_min.copy_(packed.range_min)
@@ -85,6 +90,40 @@ class BaqLinear(nn.Module):
         """Rebuild the derived per-column bitwidths and segments from the loaded header."""
         self._stored_bits = fmt.unpack_header(self.bits_header.cpu(), self.in_features)
         self._segments = fmt.segments_from_bits(self._stored_bits, self.out_features)
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes (int32 words), stored in the checkpoint as ``<layer>.weight``."""
+        return self.weight
+
+    def validate(self, name: str = "") -> None:
+        """Check loaded tensors against each other before anything runs (checkpoints are untrusted)."""
+
+        def fail(what: str) -> None:
+            raise ValueError(f"corrupt BAQ checkpoint: layer {name!r}: {what}")
+
+        n, m = self.in_features, self.out_features
+        try:
+            self.post_init()
+        except ValueError as exc:
+            fail(f"bits_header: {exc}")
+        expected = fmt.total_words(self.segments, m)
+        if self.qweight.numel() != expected:
+            fail(f"qweight has {self.qweight.numel()} words but the bits_header needs {expected}")
+        perm = self.perm.long().cpu()
+        if perm.numel() != n or not torch.equal(torch.sort(perm).values, torch.arange(n)):
+            fail("perm is not a permutation of the input columns")
+        rmin, rmax = self.range_min.float(), self.range_max.float()
+        if not (torch.isfinite(rmin).all() and torch.isfinite(rmax).all()):
+            fail("range_min/range_max contain NaN or inf")
+        if not bool((rmax > rmin).all()):
+            fail("range_max must exceed range_min in every row")
+        if self.group_index is not None:
+            gi = self.group_index.long()
+            if gi.numel() != n or int(gi.min()) < 0 or int(gi.max()) >= self.range_min.shape[1]:
+                fail("group_index points outside the stored groups")
+        if self.bias is not None and not bool(torch.isfinite(self.bias.float()).all()):
+            fail("bias contains NaN or inf")
 
     @property
     def stored_bits(self) -> torch.Tensor:
@@ -139,7 +178,9 @@ class BaqLinear(nn.Module):
             from .kernels import baq_linear_forward
 
             return baq_linear_forward(x, self)
-        return F.linear(x, self.dequantize(x.dtype), self.bias if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(
+            x, self.dequantize(x.dtype), self.bias if self.bias is None else self.bias.to(x.dtype)
+        )
 
     def extra_repr(self) -> str:
         return (

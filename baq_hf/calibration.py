@@ -1,0 +1,353 @@
+"""Block-by-block GPTQ+BAQ calibration of a transformers causal LM.
+
+Only the block being quantized needs to sit on the compute device: the block inputs of every
+calibration window are captured once at the first block, each block's sub-layers are quantized in
+execution order (true-sequential), and the quantized block's outputs become the next block's inputs.
+The keyword inputs of every block (masks, rotary tables) are recorded separately, since they can differ
+between layers (sliding-window vs global attention).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from .config import BaqConfig
+from .gptq import HessianAccumulator, LayerResult, quantize_weight
+from .linear import BaqLinear, pack_weight
+
+logger = logging.getLogger(__name__)
+
+QUANTIZABLE = (nn.Linear, Conv1D)
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once what is needed has been captured."""
+
+
+@dataclass
+class QuantizationPlan:
+    """What will and will not be quantized, known before any calibration work starts."""
+
+    blocks_name: str
+    blocks: nn.ModuleList
+    layers: list[list[str]]  # per block: names (relative to the block) of layers to quantize
+    skipped: dict[str, str] = field(default_factory=dict)  # full name -> reason
+
+    def summary(self) -> str:
+        n = sum(len(b) for b in self.layers)
+        kept = ", ".join(f"{k} ({v})" for k, v in sorted(self.skipped.items())[:12])
+        more = len(self.skipped) - 12
+        return (
+            f"quantizing {n} layers in {len(self.blocks)} blocks of {self.blocks_name}; "
+            f"kept in full precision: {kept or 'none'}{f' and {more} more' if more > 0 else ''}"
+        )
+
+
+def _excluded(name: str, patterns: list[str]) -> bool:
+    return any(name == p or name.endswith("." + p) or f".{p}." in f".{name}." for p in patterns)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated decoder blocks: the ModuleList with the most quantizable layers."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            count = sum(isinstance(m, QUANTIZABLE) for m in module.modules())
+            if count and (best is None or count > best[0]):
+                best = (count, name, module)
+    if best is None:
+        raise ValueError(
+            f"{type(model).__name__} has no block list (nn.ModuleList) holding Linear or Conv1D layers; "
+            "baq_hf quantizes decoder blocks of causal LMs"
+        )
+    return best[1], best[2]
+
+
+def plan_quantization(model: nn.Module, config: BaqConfig) -> QuantizationPlan:
+    """Decide up front which layers are quantized and report every layer that is not, with why."""
+    blocks_name, blocks = find_blocks(model)
+    patterns = list(config.modules_to_not_convert or [])
+    layers: list[list[str]] = []
+    skipped: dict[str, str] = {}
+    for i, block in enumerate(blocks):
+        names = []
+        for sub, module in block.named_modules():
+            full = f"{blocks_name}.{i}.{sub}"
+            if isinstance(module, QUANTIZABLE):
+                w = module.weight
+                n_in = w.shape[1] if isinstance(module, nn.Linear) else w.shape[0]
+                if _excluded(full, patterns):
+                    skipped[full] = "modules_to_not_convert"
+                elif config.group_size != -1 and n_in % config.group_size:
+                    raise ValueError(
+                        f"group_size={config.group_size} does not divide in_features={n_in} of {full}; "
+                        "choose a divisor of every layer's input size or list the layer in "
+                        "modules_to_not_convert"
+                    )
+                else:
+                    names.append(sub)
+            elif sub and not list(module.children()) and any(p.dim() >= 2 for p in module.parameters(False)):
+                skipped[full] = f"unsupported layer type {type(module).__name__}"
+        layers.append(names)
+    for name, module in model.named_modules():
+        if isinstance(module, QUANTIZABLE) and not name.startswith(f"{blocks_name}."):
+            skipped[name] = "outside the decoder blocks (embeddings and lm_head stay in full precision)"
+    if not any(layers):
+        raise ValueError(
+            f"no quantizable layer found in {blocks_name} of {type(model).__name__} "
+            f"(skipped: {sorted(skipped) or 'none'}); baq_hf quantizes nn.Linear and Conv1D layers"
+        )
+    return QuantizationPlan(blocks_name, blocks, layers, skipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# capturing block inputs
+
+
+class _BlockRecorder(nn.Module):
+    """Stands in for a decoder block: records its inputs and passes hidden states through unchanged."""
+
+    def __init__(self, block: nn.Module, index: int, last: bool, store: dict):
+        super().__init__()
+        self.__dict__["wrapped"] = block  # not a submodule: model.to() must not move it
+        self.index = index
+        self.last = last
+        self.store = store
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["wrapped"], name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        if self.index == 0:
+            self.store["hidden"].append(hidden)
+            if not self.store["record_kwargs"]:
+                raise _StopForward
+        self.store["kwargs"][self.index] = kwargs
+        if self.last:
+            raise _StopForward
+        return hidden
+
+
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """Hidden states entering the first block for every window, and each block's keyword inputs.
+
+    The blocks themselves do not run here; all windows have the same length and no padding, so the
+    keyword inputs (masks, positions, rotary tables) are the same for every window.
+    """
+    originals = list(blocks)
+    store: dict[str, Any] = {"hidden": [], "kwargs": {}, "record_kwargs": True}
+    for i, block in enumerate(originals):
+        blocks[i] = _BlockRecorder(block, i, i == len(originals) - 1, store)
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        with torch.no_grad():
+            for s in range(windows.shape[0]):
+                store["record_kwargs"] = s == 0
+                try:
+                    model(windows[s : s + 1].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+        model.to(home)
+    return store["hidden"], [store["kwargs"][i] for i in range(len(originals))]
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _layer_groups(block: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """Layers in execution order, grouped when they read the same input (e.g. q, k and v)."""
+    order: list[tuple[str, int]] = []
+    hooks = []
+    modules = dict(block.named_modules())
+    for name in names:
+
+        def pre_hook(_m, args, name=name):
+            order.append((name, id(args[0])))
+
+        hooks.append(modules[name].register_forward_pre_hook(pre_hook))
+    try:
+        with torch.no_grad():
+            block(hidden, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    last_input = None
+    seen = set()
+    for name, input_id in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and input_id == last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = input_id
+    missing = [n for n in names if n not in seen]
+    if missing:
+        groups.append(missing)  # never called on this input; their Hessian will be empty (dead inputs)
+    return groups
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    """The weight as out x in (Conv1D stores in x out)."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def _set_weight(module: nn.Module, q: torch.Tensor) -> None:
+    q = q.t() if isinstance(module, Conv1D) else q
+    module.weight.data.copy_(q.to(module.weight.dtype))
+
+
+def _run_block(block, hiddens, kwargs, hooks_stop: bool = False) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for h in hiddens:
+            try:
+                outs.append(_first_output(block(h, **kwargs)))
+            except _StopForward:
+                if not hooks_stop:
+                    raise
+    return outs
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def quantize_block(
+    block: nn.Module,
+    names: list[str],
+    hiddens: list[torch.Tensor],
+    kwargs: dict,
+    config: BaqConfig,
+    prefix: str,
+) -> dict[str, LayerResult]:
+    """Quantize the listed sub-layers of one block, group by group in execution order."""
+    modules = dict(block.named_modules())
+    groups = _layer_groups(block, names, hiddens[0], kwargs) if config.true_sequential else [names]
+    results: dict[str, LayerResult] = {}
+    for group in groups:
+        accs: dict[str, HessianAccumulator] = {}
+        hooks = []
+        for name in group:
+            mod = modules[name]
+            w = _weight_of(mod)
+            accs[name] = HessianAccumulator(w.shape[1], w.device, f"{prefix}.{name}")
+
+            def hook(_m, args, _out, name=name):
+                accs[name].add(args[0])
+                if name == group[-1] and config.true_sequential:
+                    raise _StopForward
+
+            hooks.append(mod.register_forward_hook(hook))
+        try:
+            _run_block(block, hiddens, kwargs, hooks_stop=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name in group:
+            mod = modules[name]
+            result = quantize_weight(_weight_of(mod), accs[name].h, config, f"{prefix}.{name}")
+            _set_weight(mod, result.q.to(mod.weight.device))
+            results[name] = result
+            s = result.stats
+            logger.info(
+                "%s.%s: %.3f code bits, histogram %s, Ratio_C %.3f, Ratio_L(model) %.3f%s",
+                prefix,
+                name,
+                s["code_bits"],
+                s["bit_histogram"],
+                s["ratio_c"],
+                s["ratio_l_model"],
+                f", Ratio_L(measured) {s['ratio_l']:.3f}" if "ratio_l" in s else "",
+            )
+        del accs
+    return results
+
+
+def to_baq_linear(module: nn.Module, result: LayerResult, group_size: int) -> BaqLinear:
+    packed = pack_weight(
+        result.codes, result.bits, result.range_min, result.range_max, result.group_of_column
+    )
+    layer = BaqLinear.from_packed(packed, module.bias, group_size, module.weight.dtype)
+    return layer.to(module.weight.device)
+
+
+def compute_device(model: nn.Module) -> torch.device:
+    """Where blocks are quantized: the model's GPU if it has one, else the first GPU, else the CPU."""
+    home = next(model.parameters()).device
+    if home.type != "cpu" and home.type != "meta":
+        return home
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def quantize_model(model: nn.Module, windows: torch.Tensor, config: BaqConfig, progress: bool = True) -> dict:
+    """Quantize every planned layer of ``model`` in place; returns a per-layer report."""
+    start = time.perf_counter()
+    plan = plan_quantization(model, config)
+    logger.info(plan.summary())
+    device = compute_device(model)
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        hiddens, block_kwargs = capture_block_inputs(model, plan.blocks, windows, device)
+        report: dict[str, Any] = {"layers": {}, "skipped": plan.skipped}
+        for i in tqdm(range(len(plan.blocks)), desc="BAQ quantizing blocks", disable=not progress):
+            block = plan.blocks[i]
+            home = next(block.parameters()).device
+            block.to(device)
+            kwargs = _move(block_kwargs[i], device)
+            hiddens = [h.to(device) for h in hiddens]
+            prefix = f"{plan.blocks_name}.{i}"
+            results = quantize_block(block, plan.layers[i], hiddens, kwargs, config, prefix)
+            hiddens = _run_block(block, hiddens, kwargs)
+            for name, result in results.items():
+                _set_module(block, name, to_baq_linear(block.get_submodule(name), result, config.group_size))
+                report["layers"][f"{prefix}.{name}"] = result.stats
+            block.to(home)
+            for h in hiddens:
+                if not bool(torch.isfinite(h).all()):
+                    raise ValueError(
+                        f"block {prefix} produced NaN or inf outputs after quantization; try more bits, "
+                        "a group_size, or a larger damp_percent"
+                    )
+    finally:
+        model.config.use_cache = use_cache
+    report["seconds"] = time.perf_counter() - start
+    return report

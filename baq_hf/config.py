@@ -1,0 +1,152 @@
+"""BaqConfig: the quantization settings, validated up front and stored in config.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .format import MAX_BITS
+
+ALLOCATIONS = ("baq", "paper", "measured", "uniform")
+
+
+class BaqConfig(QuantizationConfigMixin):
+    """Settings of GPTQ with BAQ per-column bit allocation.
+
+    Args:
+        bits: target mean code bits per weight of every quantized layer (e.g. 2.0, 2.25, 3).
+        allocation: "baq" (exact integer optimum of sum_j C_j 2^-2R_j, default), "paper" (Alg. 1-2 as
+            written), "measured" (C_j from a first uniform GPTQ pass, as in the authors' code), or
+            "uniform" (plain GPTQ).
+        min_bits / max_bits: bounds of every column's bitwidth (0 drops a column; at most 15).
+        group_size: columns sharing one quantization range; -1 = one range per row.
+        sym: symmetric ranges (zero point in the middle).
+        act_order: quantize columns by decreasing Hessian diagonal.
+        damp_percent: Hessian damping as a fraction of mean(diag H) (the paper and GPTQ use 0.01).
+        block_size: GPTQ lazy-update block width.
+        dataset: calibration data: None (the shipped C4 sample), a path to a .txt/.jsonl file, a list of
+            strings, or pre-tokenized ids (list of lists of ints).
+        tokenizer: a tokenizer object or a name/path, needed for text calibration data.
+        num_samples / seqlen / seed: number, length and sampling seed of calibration windows.
+        modules_to_not_convert: module names (or name suffixes) left in full precision; lm_head and
+            the embeddings are never quantized.
+        compare_uniform: also run uniform GPTQ on every layer to report the measured Ratio_L.
+        true_sequential: quantize the sub-layers of a block in execution order, each on the inputs
+            produced by the already-quantized ones.
+    """
+
+    def __init__(
+        self,
+        bits: float = 2.0,
+        allocation: str = "baq",
+        min_bits: int = 0,
+        max_bits: int = 8,
+        group_size: int = -1,
+        sym: bool = False,
+        act_order: bool = False,
+        damp_percent: float = 0.01,
+        block_size: int = 128,
+        dataset: Any = None,
+        tokenizer: Any = None,
+        num_samples: int = 128,
+        seqlen: int = 2048,
+        seed: int = 0,
+        modules_to_not_convert: list[str] | None = None,
+        compare_uniform: bool = False,
+        true_sequential: bool = True,
+        **kwargs: Any,
+    ):
+        self.quant_method = "baq"
+        self.bits = bits
+        self.allocation = allocation
+        self.min_bits = min_bits
+        self.max_bits = max_bits
+        self.group_size = group_size
+        self.sym = sym
+        self.act_order = act_order
+        self.damp_percent = damp_percent
+        self.block_size = block_size
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.num_samples = num_samples
+        self.seqlen = seqlen
+        self.seed = seed
+        self.modules_to_not_convert = modules_to_not_convert
+        self.compare_uniform = compare_uniform
+        self.true_sequential = true_sequential
+        unknown = set(kwargs) - {"quant_method"}
+        if unknown:
+            raise ValueError(
+                f"BaqConfig got unknown field(s) {sorted(unknown)}; valid fields are "
+                f"{sorted(k for k in self.__dict__ if k != 'quant_method')}"
+            )
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; each error names the field, the value and the fix."""
+
+        def fail(field: str, fix: str) -> None:
+            raise ValueError(f"BaqConfig.{field}={getattr(self, field)!r} is invalid: {fix}")
+
+        if self.allocation not in ALLOCATIONS:
+            fail("allocation", f"use one of {list(ALLOCATIONS)}")
+        for field in ("min_bits", "max_bits", "group_size", "block_size", "num_samples", "seqlen", "seed"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(field, "it must be an integer")
+        if not 0 <= self.min_bits <= MAX_BITS:
+            fail("min_bits", f"it must lie in [0, {MAX_BITS}]")
+        if not 1 <= self.max_bits <= MAX_BITS:
+            fail("max_bits", f"it must lie in [1, {MAX_BITS}] (the bitwidth header has 4 bits)")
+        if self.min_bits > self.max_bits:
+            fail("min_bits", f"it must not exceed max_bits={self.max_bits}")
+        if (
+            isinstance(self.bits, bool)
+            or not isinstance(self.bits, (int, float))
+            or not math.isfinite(self.bits)
+        ):
+            fail("bits", "it must be a finite number such as 2, 2.25 or 3")
+        if not self.min_bits <= self.bits <= self.max_bits:
+            fail("bits", f"it must lie in [min_bits, max_bits] = [{self.min_bits}, {self.max_bits}]")
+        if self.allocation == "uniform" and float(self.bits) != int(self.bits):
+            fail("bits", "uniform allocation needs an integer bitwidth; use allocation='baq' for fractions")
+        if self.allocation in ("uniform", "measured") and self.bits < 1:
+            fail("bits", f"allocation={self.allocation!r} needs bits >= 1")
+        if self.group_size != -1 and self.group_size < 1:
+            fail("group_size", "use -1 (one range per row) or a positive group width such as 128")
+        if self.block_size < 1:
+            fail("block_size", "use a positive width such as 128")
+        if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)):
+            fail("damp_percent", "it must be a number in (0, 1]")
+        if not 0 < self.damp_percent <= 1:
+            fail("damp_percent", "it must lie in (0, 1]; the paper uses 0.01")
+        for field in ("sym", "act_order", "compare_uniform", "true_sequential"):
+            if not isinstance(getattr(self, field), bool):
+                fail(field, "it must be True or False")
+        if self.num_samples < 1:
+            fail("num_samples", "use at least 1 calibration window (GPTQ uses 128)")
+        if self.seqlen < 2:
+            fail("seqlen", "use at least 2 tokens per window (GPTQ uses 2048)")
+        if self.modules_to_not_convert is not None and (
+            not isinstance(self.modules_to_not_convert, (list, tuple))
+            or not all(isinstance(m, str) for m in self.modules_to_not_convert)
+        ):
+            fail("modules_to_not_convert", "give a list of module names")
+        if self.dataset is not None and not isinstance(self.dataset, (str, Path, list, tuple)):
+            if not hasattr(self.dataset, "shape"):
+                fail("dataset", "give a path to a .txt/.jsonl file, a list of strings, or token ids")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serializable settings; calibration data and tokenizer objects are not stored in config.json."""
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("dataset", "tokenizer")}
+        out["dataset"] = str(self.dataset) if isinstance(self.dataset, (str, Path)) else None
+        out["tokenizer"] = self.tokenizer if isinstance(self.tokenizer, str) else None
+        return out
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

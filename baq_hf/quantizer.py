@@ -1,0 +1,197 @@
+"""BaqHfQuantizer: the transformers integration (registered as quant_method "baq" on import)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import register_quantizer
+
+from .calibration import QUANTIZABLE, _set_module, quantize_model
+from .config import BaqConfig
+from .linear import BaqLinear
+
+logger = logging.getLogger(__name__)
+
+_HEADER = "bits_header"
+
+
+def read_checkpoint_layout(checkpoint_files: list[str] | None) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Shapes of every BaqLinear tensor in the checkpoint, per module, read from safetensors headers."""
+    if not checkpoint_files:
+        raise ValueError("a BAQ-quantized checkpoint must be stored as safetensors files; none were found")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in checkpoint_files:
+        if not str(path).endswith(".safetensors"):
+            raise ValueError(f"{path} is not a safetensors file; baq_hf loads only safetensors checkpoints")
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    layout: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        if key.endswith("." + _HEADER):
+            module = key[: -len(_HEADER) - 1]
+            layout[module] = {
+                k[len(module) + 1 :]: s for k, s in shapes.items() if k.rpartition(".")[0] == module
+            }
+    return layout
+
+
+def _module_for_key(model: nn.Module, key: str) -> tuple[str, nn.Module] | None:
+    """Map a checkpoint module name to the model's module (handles a base-model prefix difference)."""
+    modules = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "")
+    for candidate in (key, key.removeprefix(prefix + "."), f"{prefix}.{key}"):
+        if candidate in modules:
+            return candidate, modules[candidate]
+    return None
+
+
+def build_baq_modules(model: nn.Module, layout: dict[str, dict[str, tuple[int, ...]]], dtype) -> int:
+    """Replace the checkpoint's quantized layers with empty BaqLinear of the exact stored shapes."""
+    for key, tensors in layout.items():
+        found = _module_for_key(model, key)
+        if found is None:
+            raise ValueError(f"the checkpoint quantizes {key!r}, which this model does not have")
+        name, module = found
+        if not isinstance(module, QUANTIZABLE):
+            raise ValueError(
+                f"the checkpoint quantizes {key!r}, a {type(module).__name__}, not a Linear layer"
+            )
+        n_out, n_in = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]
+        expect = {"perm": (n_in,), "bits_header": ((n_in + 1) // 2,)}
+        for tensor, shape in expect.items():
+            if tensors.get(tensor) != shape:
+                raise ValueError(
+                    f"checkpoint tensor {key}.{tensor} has shape {tensors.get(tensor)}, but the model's "
+                    f"{key} has in_features={n_in} (expected {shape}): the checkpoint does not match config.json"
+                )
+        rmin = tensors.get("range_min")
+        if rmin is None or len(rmin) != 2 or rmin[0] != n_out or tensors.get("range_max") != rmin:
+            raise ValueError(
+                f"checkpoint tensors {key}.range_min/range_max have shapes {rmin}/{tensors.get('range_max')}, "
+                f"expected ({n_out}, groups): the checkpoint does not match config.json"
+            )
+        n_groups = rmin[1]
+        grouped = "group_index" in tensors
+        if (n_groups != 1) != grouped or (grouped and n_in % n_groups):
+            raise ValueError(
+                f"checkpoint tensors of {key} describe an inconsistent grouping ({n_groups} groups)"
+            )
+        if "weight" not in tensors or len(tensors["weight"]) != 1:
+            raise ValueError(f"checkpoint tensor {key}.weight (the packed codes) is missing or not 1-D")
+        layer = BaqLinear(
+            n_in,
+            n_out,
+            bias="bias" in tensors,
+            n_words=tensors["weight"][0],
+            group_size=n_in // n_groups if grouped else -1,
+            dtype=dtype or torch.float32,
+            device="meta",
+        )
+        _set_module(model, name, layer)
+    return len(layout)
+
+
+@register_quantizer("baq")
+class BaqHfQuantizer(HfQuantizer):
+    """Quantizes a float checkpoint with GPTQ+BAQ after loading, or rebuilds a saved BAQ checkpoint."""
+
+    requires_calibration = False
+    quantization_config: BaqConfig
+
+    def __init__(self, quantization_config: BaqConfig, **kwargs: Any):
+        super().__init__(quantization_config, **kwargs)
+        self.report: dict | None = None
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        device_map = kwargs.get("device_map")
+        if not self.pre_quantized and isinstance(device_map, dict) and len(set(device_map.values())) > 1:
+            raise ValueError(
+                "quantizing needs the model on one device (blocks move to the GPU one at a time anyway); "
+                "load without device_map to quantize, save, then reload the quantized model with device_map"
+            )
+
+    def get_new_dtype(self, converter, param, dtype):
+        """Keep BAQ's fp16 ranges in fp16 whatever the model dtype (they define the exact grid)."""
+        return (
+            None
+            if getattr(param, "get_dtype", lambda: "")() == "F16" and dtype != torch.float16
+            else (super().get_new_dtype(converter, param, dtype))
+        )
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
+        if self.pre_quantized:
+            n = build_baq_modules(model, read_checkpoint_layout(checkpoint_files), dtype)
+            logger.info("rebuilt %d BaqLinear layers from the checkpoint", n)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            for name, module in model.named_modules():
+                if isinstance(module, BaqLinear):
+                    module.validate(name)
+            return model
+        from .data import calibration_windows
+
+        config = self.quantization_config
+        tokenizer = config.tokenizer
+        if isinstance(tokenizer, str) or (tokenizer is None and not _is_token_ids(config.dataset)):
+            from transformers import AutoTokenizer
+
+            source = tokenizer or model.name_or_path
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            except Exception as exc:
+                raise ValueError(
+                    f"BaqConfig.tokenizer is needed to tokenize text calibration data and none could be "
+                    f"loaded from {source!r} ({exc}); pass tokenizer=... or token ids as dataset"
+                ) from exc
+        windows = calibration_windows(
+            config.dataset, tokenizer, config.num_samples, config.seqlen, config.seed
+        )
+        max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if max_pos is not None and config.seqlen > max_pos:
+            raise ValueError(
+                f"BaqConfig.seqlen={config.seqlen} exceeds the model's max_position_embeddings={max_pos}; "
+                f"use seqlen <= {max_pos}"
+            )
+        self.report = quantize_model(model, windows, config)
+        model.baq_report = self.report
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, BaqLinear):
+                w = module.dequantize(dtype or module.range_min.dtype if dtype else None)
+                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                dense = dense.to(
+                    device=w.device,
+                    dtype=dtype or (module.bias.dtype if module.bias is not None else w.dtype),
+                )
+                dense.weight.data.copy_(w)
+                if module.bias is not None:
+                    dense.bias.data.copy_(module.bias)
+                _set_module(model, name, dense)
+        return model
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def is_serializable(self, safe_serialization: bool | None = None) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def _is_token_ids(dataset: Any) -> bool:
+    if isinstance(dataset, torch.Tensor):
+        return True
+    return isinstance(dataset, (list, tuple)) and bool(dataset) and not isinstance(dataset[0], str)
