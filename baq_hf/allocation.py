@@ -24,7 +24,7 @@ def sensitivities(range_sq_sum: torch.Tensor, hinv_diag: torch.Tensor, dead: tor
 
 def budget(n_cols: int, target_bits: float) -> int:
     """Total code bits of a layer: the target mean times the column count, rounded to an integer."""
-    return int(round(target_bits * n_cols))
+    return round(target_bits * n_cols)
 
 
 def allocate_optimal(c: torch.Tensor, target_bits: float, min_bits: int, max_bits: int) -> torch.Tensor:

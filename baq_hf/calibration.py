@@ -9,6 +9,7 @@ between layers (sliding-window vs global attention).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -162,10 +163,8 @@ def capture_block_inputs(
         with torch.no_grad():
             for s in range(windows.shape[0]):
                 store["record_kwargs"] = s == 0
-                try:
+                with contextlib.suppress(_StopForward):
                     model(windows[s : s + 1].to(device), use_cache=False)
-                except _StopForward:
-                    pass
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
@@ -270,9 +269,9 @@ def quantize_block(
             w = _weight_of(mod)
             accs[name] = HessianAccumulator(w.shape[1], w.device, f"{prefix}.{name}")
 
-            def hook(_m, args, _out, name=name):
-                accs[name].add(args[0])
-                if name == group[-1] and config.true_sequential:
+            def hook(_m, args, _out, acc=accs[name], stop=name == group[-1] and config.true_sequential):
+                acc.add(args[0])
+                if stop:
                     raise _StopForward
 
             hooks.append(mod.register_forward_hook(hook))
@@ -297,7 +296,6 @@ def quantize_block(
                 s["ratio_l_model"],
                 f", Ratio_L(measured) {s['ratio_l']:.3f}" if "ratio_l" in s else "",
             )
-        del accs
     return results
 
 

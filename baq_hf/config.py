@@ -137,9 +137,9 @@ class BaqConfig(QuantizationConfigMixin):
             or not all(isinstance(m, str) for m in self.modules_to_not_convert)
         ):
             fail("modules_to_not_convert", "give a list of module names")
-        if self.dataset is not None and not isinstance(self.dataset, (str, Path, list, tuple)):
-            if not hasattr(self.dataset, "shape"):
-                fail("dataset", "give a path to a .txt/.jsonl file, a list of strings, or token ids")
+        dataset_ok = isinstance(self.dataset, (str, Path, list, tuple)) or hasattr(self.dataset, "shape")
+        if self.dataset is not None and not dataset_ok:
+            fail("dataset", "give a path to a .txt/.jsonl file, a list of strings, or token ids")
 
     def to_dict(self) -> dict[str, Any]:
         """Serializable settings; calibration data and tokenizer objects are not stored in config.json."""

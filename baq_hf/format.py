@@ -21,6 +21,7 @@ evaluate exactly these fp32 operations, so a reloaded checkpoint reproduces GPTQ
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +128,7 @@ def words_for(n_bits: int) -> int:
 def segments_from_bits(stored_bits: torch.Tensor, n_rows: int) -> list[Segment]:
     """Segments of a sorted per-column bitwidth vector; raises if the columns are not sorted."""
     bits = stored_bits.tolist()
-    if any(b2 < b1 for b1, b2 in zip(bits, bits[1:])):
+    if any(b2 < b1 for b1, b2 in itertools.pairwise(bits)):
         raise ValueError("stored column bitwidths must be sorted in increasing order")
     segments: list[Segment] = []
     word = 0

@@ -143,7 +143,7 @@ def solve(
     """Run GPTQ over the columns (in quantization order) with bitwidth bits[j] for column j."""
     w = prep.w.clone()
     u = prep.u
-    m, n = w.shape
+    n = w.shape[1]
     device = w.device
     bits_list = bits.tolist()
     bit_values = torch.arange(fmt.MAX_BITS + 1, device=device)

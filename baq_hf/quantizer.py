@@ -32,7 +32,7 @@ def read_checkpoint_layout(checkpoint_files: list[str] | None) -> dict[str, dict
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 shapes[key] = tuple(f.get_slice(key).get_shape())
     layout: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, shape in shapes.items():
+    for key in shapes:
         if key.endswith("." + _HEADER):
             module = key[: -len(_HEADER) - 1]
             layout[module] = {
@@ -68,13 +68,13 @@ def build_baq_modules(model: nn.Module, layout: dict[str, dict[str, tuple[int, .
             if tensors.get(tensor) != shape:
                 raise ValueError(
                     f"checkpoint tensor {key}.{tensor} has shape {tensors.get(tensor)}, but the model's "
-                    f"{key} has in_features={n_in} (expected {shape}): the checkpoint does not match config.json"
+                    f"{key} has in_features={n_in} (expected {shape}): checkpoint and config.json disagree"
                 )
         rmin = tensors.get("range_min")
         if rmin is None or len(rmin) != 2 or rmin[0] != n_out or tensors.get("range_max") != rmin:
             raise ValueError(
-                f"checkpoint tensors {key}.range_min/range_max have shapes {rmin}/{tensors.get('range_max')}, "
-                f"expected ({n_out}, groups): the checkpoint does not match config.json"
+                f"checkpoint tensors {key}.range_min/range_max have shapes {rmin}/"
+                f"{tensors.get('range_max')}, expected ({n_out}, groups): checkpoint and config.json disagree"
             )
         n_groups = rmin[1]
         grouped = "group_index" in tensors
@@ -115,14 +115,6 @@ class BaqHfQuantizer(HfQuantizer):
                 "quantizing needs the model on one device (blocks move to the GPU one at a time anyway); "
                 "load without device_map to quantize, save, then reload the quantized model with device_map"
             )
-
-    def get_new_dtype(self, converter, param, dtype):
-        """Keep BAQ's fp16 ranges in fp16 whatever the model dtype (they define the exact grid)."""
-        return (
-            None
-            if getattr(param, "get_dtype", lambda: "")() == "F16" and dtype != torch.float16
-            else (super().get_new_dtype(converter, param, dtype))
-        )
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
         if self.pre_quantized:
@@ -167,14 +159,17 @@ class BaqHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         for name, module in list(model.named_modules()):
             if isinstance(module, BaqLinear):
-                w = module.dequantize(dtype or module.range_min.dtype if dtype else None)
-                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-                dense = dense.to(
-                    device=w.device,
-                    dtype=dtype or (module.bias.dtype if module.bias is not None else w.dtype),
+                target = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
+                has_bias = module.bias is not None
+                dense = nn.Linear(
+                    module.in_features,
+                    module.out_features,
+                    bias=has_bias,
+                    device=module.weight.device,
+                    dtype=target,
                 )
-                dense.weight.data.copy_(w)
-                if module.bias is not None:
+                dense.weight.data.copy_(module.dequantize(target))
+                if has_bias:
                     dense.bias.data.copy_(module.bias)
                 _set_module(model, name, dense)
         return model
