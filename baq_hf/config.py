@@ -38,6 +38,8 @@ class BaqConfig(QuantizationConfigMixin):
         compare_uniform: also run uniform GPTQ on every layer to report the measured Ratio_L.
         true_sequential: quantize the sub-layers of a block in execution order, each on the inputs
             produced by the already-quantized ones.
+        resume_dir: a folder where the state after every block is saved; a rerun with the same folder,
+            model, data and settings resumes after the last finished block.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class BaqConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         compare_uniform: bool = False,
         true_sequential: bool = True,
+        resume_dir: str | None = None,
         **kwargs: Any,
     ):
         self.quant_method = "baq"
@@ -79,6 +82,7 @@ class BaqConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = modules_to_not_convert
         self.compare_uniform = compare_uniform
         self.true_sequential = true_sequential
+        self.resume_dir = resume_dir
         unknown = set(kwargs) - {"quant_method"}
         if unknown:
             raise ValueError(
@@ -132,6 +136,8 @@ class BaqConfig(QuantizationConfigMixin):
             fail("num_samples", "use at least 1 calibration window (GPTQ uses 128)")
         if self.seqlen < 2:
             fail("seqlen", "use at least 2 tokens per window (GPTQ uses 2048)")
+        if self.resume_dir is not None and not isinstance(self.resume_dir, (str, Path)):
+            fail("resume_dir", "give a folder path or None")
         if self.modules_to_not_convert is not None and (
             not isinstance(self.modules_to_not_convert, (list, tuple))
             or not all(isinstance(m, str) for m in self.modules_to_not_convert)

@@ -14,7 +14,7 @@ def brute_force(c, target, lo, hi):
     for r in itertools.product(range(lo, hi + 1), repeat=n):
         if sum(r) != total:
             continue
-        loss = sum(cj * 4.0 ** -rj for cj, rj in zip(c, r, strict=True))
+        loss = sum(cj * 4.0**-rj for cj, rj in zip(c, r, strict=True))
         if best is None or loss < best[0] - 1e-12:
             best = (loss, r)
     return best[0]

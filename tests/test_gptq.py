@@ -68,7 +68,9 @@ def layer_problem(m=48, n=96, seed=0, dead=()):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_uniform_allocation_reproduces_reference_gptq_exactly(bits, act_order, group_size):
     w, h, _ = layer_problem()
-    cfg = BaqConfig(bits=bits, allocation="uniform", group_size=group_size, act_order=act_order, block_size=32)
+    cfg = BaqConfig(
+        bits=bits, allocation="uniform", group_size=group_size, act_order=act_order, block_size=32
+    )
     got = quantize_weight(w, h, cfg).q
     ref = reference_gptq(w, h, bits, group_size, act_order, blocksize=32)
     assert torch.equal(got, ref)
@@ -86,7 +88,10 @@ def test_packed_layer_dequantizes_to_solver_output_bit_for_bit(allocation, group
     cfg = BaqConfig(bits=3, allocation=allocation, group_size=group_size, act_order=True)
     r = quantize_weight(w, h, cfg)
     layer = BaqLinear.from_packed(
-        pack_weight(r.codes, r.bits, r.range_min, r.range_max, r.group_of_column), None, group_size, torch.float32
+        pack_weight(r.codes, r.bits, r.range_min, r.range_max, r.group_of_column),
+        None,
+        group_size,
+        torch.float32,
     )
     layer.validate("test")
     assert torch.equal(layer.dequantize(), r.q)

@@ -1,0 +1,122 @@
+"""from_pretrained with BaqConfig on tiny LLaMA, OPT and GPT-2 (Conv1D); exact save/reload."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import baq_hf
+from baq_hf import BaqConfig, BaqLinear
+
+from .conftest import calibration_ids, tiny_model
+
+
+def quantize(path, **kw):
+    cfg = dict(bits=2.5, dataset=calibration_ids(), num_samples=8, seqlen=32)
+    cfg.update(kw)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=BaqConfig(**cfg))
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoints, tmp_path_factory):
+    """One quantized and saved model per architecture."""
+    out = {}
+    for arch, path in tiny_checkpoints.items():
+        model = quantize(path, group_size=32 if arch == "llama" else -1, act_order=arch == "opt")
+        saved = tmp_path_factory.mktemp(f"baq-{arch}")
+        model.save_pretrained(saved)
+        out[arch] = (model, str(saved))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_every_block_linear_becomes_baq_and_hits_the_bit_target(quantized, arch):
+    model, _ = quantized[arch]
+    layers = [m for m in model.modules() if isinstance(m, BaqLinear)]
+    expected = {"llama": 14, "opt": 12, "gpt2": 8}[arch]
+    assert len(layers) == expected
+    for layer in layers:
+        assert layer.code_bits == pytest.approx(2.5, abs=1 / layer.in_features)
+        assert layer.effective_bits > layer.code_bits
+    assert not isinstance(model.get_output_embeddings(), BaqLinear)
+    assert model.config.quantization_config.quant_method == "baq"
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_reload_is_bit_exact(quantized, arch):
+    model, saved = quantized[arch]
+    reloaded = AutoModelForCausalLM.from_pretrained(saved)
+    a, b = model.state_dict(), reloaded.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    ids = torch.tensor(calibration_ids(2, seed=5))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    assert isinstance(reloaded.config.quantization_config, BaqConfig)
+
+
+def test_quantized_weights_match_what_calibration_used(quantized, tiny_checkpoints):
+    """The quantized model's logits equal a float model carrying the dequantized weights."""
+    model, _ = quantized["llama"]
+    dense = tiny_model("llama")
+    for name, module in model.named_modules():
+        if isinstance(module, BaqLinear):
+            dense.get_submodule(name).weight.data.copy_(module.dequantize())
+    ids = torch.tensor(calibration_ids(2, seed=6))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, dense(ids).logits, atol=1e-5)
+
+
+def test_memory_footprint_shrinks(quantized, tiny_checkpoints):
+    model, _ = quantized["llama"]
+    fp = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
+    linear_fp = sum(m.weight.numel() * 4 for m in fp.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    linear_q = sum(m.storage_bytes() for m in model.modules() if isinstance(m, BaqLinear))
+    assert linear_q < linear_fp / 5
+    assert fp.get_memory_footprint() - model.get_memory_footprint() == linear_fp - linear_q
+
+
+def test_generate_and_dequantize(quantized):
+    model, saved = quantized["llama"]
+    ids = torch.tensor(calibration_ids(1, seqlen=8, seed=7))
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 13)
+    reloaded = AutoModelForCausalLM.from_pretrained(saved)
+    before = reloaded(ids).logits
+    reloaded.dequantize()
+    assert not any(isinstance(m, BaqLinear) for m in reloaded.modules())
+    assert torch.allclose(reloaded(ids).logits, before, atol=1e-5)
+
+
+def test_loading_without_import_fails_loudly(quantized):
+    _, saved = quantized["llama"]
+    code = f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({saved!r})\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "baq" in proc.stderr and "mismatched" in proc.stderr
+
+
+def test_too_short_calibration_data_is_rejected(tiny_checkpoints):
+    with pytest.raises(ValueError, match="seqlen"):
+        quantize(tiny_checkpoints["llama"], dataset=[[1, 2, 3]], seqlen=32)
+
+
+def test_seqlen_above_model_limit_is_rejected(tiny_checkpoints):
+    ids = torch.randint(0, 128, (2, 256)).tolist()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        quantize(tiny_checkpoints["llama"], dataset=ids, num_samples=2, seqlen=256)
+
+
+def test_model_without_quantizable_layer_is_rejected(tiny_checkpoints):
+    with pytest.raises(ValueError, match="no quantizable layer"):
+        quantize(tiny_checkpoints["llama"], modules_to_not_convert=["self_attn", "mlp"])
+
+
+def test_registration_is_through_transformers_registry():
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    assert AUTO_QUANTIZER_MAPPING["baq"] is baq_hf.BaqHfQuantizer
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING["baq"] is BaqConfig
