@@ -123,7 +123,7 @@ def test_non_finite_weights_are_rejected():
 
 def test_non_finite_activations_are_rejected():
     acc = HessianAccumulator(4, torch.device("cpu"), "blk.q_proj")
-    with pytest.raises(ValueError, match="blk.q_proj"):
+    with pytest.raises(ValueError, match=r"blk\.q_proj"):
         acc.add(torch.tensor([[1.0, float("inf"), 0.0, 0.0]]))
 
 
