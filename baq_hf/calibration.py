@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from .checkpoint import ResumeState
 from .config import BaqConfig
 from .gptq import HessianAccumulator, LayerResult, quantize_weight
 from .linear import BaqLinear, pack_weight
@@ -321,12 +322,20 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, config: BaqConfig, p
     plan = plan_quantization(model, config)
     logger.info(plan.summary())
     device = compute_device(model)
+    resume = None
+    if config.resume_dir is not None:
+        resume = ResumeState.open(config.resume_dir, model, plan, windows, config)
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
         hiddens, block_kwargs = capture_block_inputs(model, plan.blocks, windows, device)
         report: dict[str, Any] = {"layers": {}, "skipped": plan.skipped}
-        for i in tqdm(range(len(plan.blocks)), desc="BAQ quantizing blocks", disable=not progress):
+        first = 0
+        if resume is not None:
+            first = resume.blocks_done
+            restored = resume.restore(plan, report)
+            hiddens = restored if restored is not None else hiddens
+        for i in tqdm(range(first, len(plan.blocks)), desc="BAQ quantizing blocks", disable=not progress):
             block = plan.blocks[i]
             home = next(block.parameters()).device
             block.to(device)
@@ -345,6 +354,8 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, config: BaqConfig, p
                         f"block {prefix} produced NaN or inf outputs after quantization; try more bits, "
                         "a group_size, or a larger damp_percent"
                     )
+            if resume is not None:
+                resume.save_block(i, plan, hiddens, report)
     finally:
         model.config.use_cache = use_cache
     report["seconds"] = time.perf_counter() - start

@@ -1,0 +1,386 @@
+"""Reliable persistence: atomic saving of quantized models and resumable quantization.
+
+``save_quantized`` writes a complete model folder next to the target and renames it into place, so an
+interrupted save never leaves a folder that loads. While the temporary folder is being written it holds
+the marker file :data:`INCOMPLETE_MARKER`; the loader refuses any folder that still has it (a save killed
+so hard that it could not clean up after itself).
+
+``ResumeState`` backs ``BaqConfig(resume_dir=...)``: after every quantized block it stores, with
+safetensors only, the block's packed BaqLinear tensors and the next block's input hidden states, then a
+small JSON file (:data:`STATE_FILE`) with the number of finished blocks and a fingerprint of the run
+(settings, model name and structure, calibration windows, plan). A rerun with the same folder and a
+matching fingerprint restores the finished blocks and continues where the last run stopped; the result
+is bit for bit the one an uninterrupted run gives, since the saved hidden states are exactly the tensors
+the next block would have received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .linear import BaqLinear
+
+if TYPE_CHECKING:
+    from .calibration import QuantizationPlan
+    from .config import BaqConfig
+
+logger = logging.getLogger(__name__)
+
+INCOMPLETE_MARKER = ".baq_incomplete"
+STATE_FILE = "baq_resume.json"
+STATE_VERSION = 1
+# files a run writes into resume_dir (a run killed before its first state file leaves only these)
+_OWN_FILE = re.compile(r"(block|hidden)_\d{5}\.safetensors(\.tmp)?|baq_resume\.json\.tmp")
+
+
+# ----------------------------------------------------------------------------------------------
+# small file helpers
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_atomically(tmp: Path, final: Path) -> None:
+    _fsync_file(tmp)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    _replace_atomically(tmp, path)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), {"format": "pt"})
+    _replace_atomically(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic save
+
+
+def _check_extra_name(name: str) -> None:
+    p = Path(name)
+    if not name or p.is_absolute() or ".." in p.parts or len(p.parts) != 1 or name == INCOMPLETE_MARKER:
+        raise ValueError(f"extra_files name {name!r} must be a plain file name such as 'README.md'")
+
+
+def _check_saved_folder(folder: Path) -> None:
+    """Every weight file the folder lists exists and has a readable safetensors header."""
+    files = sorted(folder.glob("*.safetensors"))
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        listed = sorted(set(index.get("weight_map", {}).values()))
+        missing = [f for f in listed if not (folder / f).is_file()]
+        if missing:
+            raise OSError(f"the save in {folder} is missing shard(s) {missing} listed in {index_path.name}")
+    if not files:
+        raise OSError(f"the save in {folder} wrote no safetensors weight file")
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+
+
+def save_quantized(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    extra_files: dict[str, str] | None = None,
+    **save_kwargs: Any,
+) -> Path:
+    """Save ``model`` (and ``tokenizer``, and ``extra_files`` name -> text) to ``out_dir`` atomically.
+
+    Everything is written into a temporary sibling folder, checked, synced to disk and then renamed to
+    ``out_dir``; an existing ``out_dir`` is replaced only after the new folder is complete. If anything
+    fails or is interrupted, ``out_dir`` is left as it was and the temporary folder is removed. Extra
+    keyword arguments go to ``model.save_pretrained`` (e.g. ``max_shard_size``). Returns ``out_dir``.
+    """
+    out = Path(os.path.abspath(out_dir))
+    for name in extra_files or {}:
+        _check_extra_name(name)
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = parent / f".{out.name}.incomplete-{tag}"
+    tmp.mkdir()
+    try:
+        (tmp / INCOMPLETE_MARKER).write_text(
+            "baq_hf.checkpoint.save_quantized did not finish writing this folder; delete it\n",
+            encoding="utf-8",
+        )
+        model.save_pretrained(tmp, **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        _check_saved_folder(tmp)
+        for path in tmp.iterdir():
+            if path.is_file():
+                _fsync_file(path)
+        (tmp / INCOMPLETE_MARKER).unlink()
+        _fsync_dir(tmp)
+        if out.exists():
+            old = parent / f".{out.name}.old-{tag}"
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            _fsync_dir(parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+            _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_complete_folder(folder: str | os.PathLike) -> None:
+    """Raise if ``folder`` is a save that never finished (it still holds :data:`INCOMPLETE_MARKER`)."""
+    if (Path(folder) / INCOMPLETE_MARKER).exists():
+        raise ValueError(
+            f"{folder} is an incomplete save (it still holds {INCOMPLETE_MARKER}): the process writing it "
+            "was interrupted; delete the folder and save the model again"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# resumable quantization
+
+
+def _sha256_tensor(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def fingerprint_parts(
+    model: nn.Module, plan: QuantizationPlan, windows: torch.Tensor, config: BaqConfig
+) -> dict[str, Any]:
+    """What a resumed run must share with the run that saved the state."""
+    settings = config.to_dict()
+    for key in ("resume_dir", "dataset", "tokenizer"):
+        settings.pop(key, None)
+    structure = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        structure.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+    parts = {
+        "version": STATE_VERSION,
+        "config": settings,
+        "model_name": str(getattr(model, "name_or_path", "") or ""),
+        "model_class": type(model).__name__,
+        "model_structure": structure.hexdigest(),
+        "calibration_windows": _sha256_tensor(windows.long()),
+        "plan": {"blocks": plan.blocks_name, "layers": plan.layers},
+    }
+    return json.loads(json.dumps(parts))  # as it reads back from the JSON file (tuples become lists)
+
+
+def _digest(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class ResumeState:
+    """The saved progress of one quantization run in ``folder`` (see the module docstring)."""
+
+    def __init__(self, folder: Path, parts: dict[str, Any], blocks_done: int, layers: dict[str, Any]):
+        self.folder = folder
+        self.parts = parts
+        self.fingerprint = _digest(parts)
+        self.blocks_done = blocks_done
+        self.layers = layers
+
+    @classmethod
+    def open(
+        cls,
+        folder: str | os.PathLike,
+        model: nn.Module,
+        plan: QuantizationPlan,
+        windows: torch.Tensor,
+        config: BaqConfig,
+    ) -> ResumeState:
+        """Open (or start) the state in ``folder``; raise if it belongs to a different run."""
+        path = Path(folder)
+        parts = fingerprint_parts(model, plan, windows, config)
+        state_path = path / STATE_FILE
+        if not state_path.exists():
+            present = sorted(p.name for p in path.iterdir()) if path.exists() else []
+            foreign = [name for name in present if not _OWN_FILE.fullmatch(name)]
+            if foreign:
+                raise ValueError(
+                    f"BaqConfig.resume_dir={str(folder)!r} holds files that are not a BAQ resume state "
+                    f"({', '.join(foreign[:5])}); give an empty or new folder"
+                )
+            path.mkdir(parents=True, exist_ok=True)
+            return cls(path, parts, 0, {})
+        try:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            saved_parts = state["fingerprint_parts"]
+            blocks_done = int(state["blocks_done"])
+            layers = dict(state["layers"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"BaqConfig.resume_dir={str(folder)!r}: {STATE_FILE} is unreadable ({exc}); "
+                "clear the folder or use another resume_dir"
+            ) from exc
+        if state.get("fingerprint") != _digest(parts) or saved_parts != parts:
+            differ = sorted(k for k in set(parts) | set(saved_parts) if parts.get(k) != saved_parts.get(k))
+            raise ValueError(
+                f"BaqConfig.resume_dir={str(folder)!r} holds the state of a different quantization run "
+                f"(it differs in: {', '.join(differ) or 'fingerprint'}); clear the folder or use another "
+                "resume_dir"
+            )
+        if not 0 <= blocks_done <= len(plan.layers):
+            raise ValueError(
+                f"BaqConfig.resume_dir={str(folder)!r}: {STATE_FILE} claims {blocks_done} finished blocks of "
+                f"{len(plan.layers)}; clear the folder or use another resume_dir"
+            )
+        logger.info("resuming quantization from %s after %d finished blocks", path, blocks_done)
+        return cls(path, parts, blocks_done, layers)
+
+    # -------------------------------------------------------------- files
+
+    def _block_path(self, i: int) -> Path:
+        return self.folder / f"block_{i:05d}.safetensors"
+
+    def _hidden_path(self, i: int) -> Path:
+        return self.folder / f"hidden_{i:05d}.safetensors"
+
+    def _corrupt(self, what: str) -> ValueError:
+        return ValueError(
+            f"BaqConfig.resume_dir={str(self.folder)!r} is damaged: {what}; clear the folder or use "
+            "another resume_dir"
+        )
+
+    # -------------------------------------------------------------- restore / save
+
+    def restore(self, plan: QuantizationPlan, report: dict[str, Any]) -> list[torch.Tensor] | None:
+        """Put the finished blocks' BaqLinear layers into the model and return the next block's inputs.
+
+        Returns None when no block is finished (nothing to restore) or all of them are.
+        """
+        group_size = int(self.parts["config"]["group_size"])
+        for i in range(self.blocks_done):
+            path = self._block_path(i)
+            try:
+                tensors = load_file(str(path))
+            except Exception as exc:
+                raise self._corrupt(f"{path.name} cannot be read ({exc})") from exc
+            block = plan.blocks[i]
+            prefix = f"{plan.blocks_name}.{i}"
+            expected_layers = set(plan.layers[i])
+            found_layers = {k.rpartition(".")[0] for k in tensors}
+            if found_layers != expected_layers:
+                raise self._corrupt(
+                    f"{path.name} holds layers {sorted(found_layers)}, not {sorted(expected_layers)}"
+                )
+            for name in plan.layers[i]:
+                full = f"{prefix}.{name}"
+                own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.rpartition(".")[0] == name}
+                old = block.get_submodule(name)
+                layer = _layer_from_tensors(own, group_size, old.weight.dtype, old.weight.device, full)
+                _set_module(block, name, layer)
+                if full not in self.layers:
+                    raise self._corrupt(f"{STATE_FILE} has no report for {full}")
+                report["layers"][full] = self.layers[full]
+        if self.blocks_done == 0 or self.blocks_done == len(plan.layers):
+            return None
+        path = self._hidden_path(self.blocks_done)
+        try:
+            saved = load_file(str(path))
+        except Exception as exc:
+            raise self._corrupt(f"{path.name} cannot be read ({exc})") from exc
+        n = len(saved)
+        if sorted(saved) != sorted(f"h.{s}" for s in range(n)):
+            raise self._corrupt(f"{path.name} does not hold the hidden states h.0 .. h.{n - 1}")
+        return [saved[f"h.{s}"] for s in range(n)]
+
+    def save_block(
+        self, i: int, plan: QuantizationPlan, hiddens: list[torch.Tensor], report: dict[str, Any]
+    ) -> None:
+        """Record that block ``i`` is finished: its packed layers, the next inputs, then the JSON state."""
+        block = plan.blocks[i]
+        prefix = f"{plan.blocks_name}.{i}"
+        tensors: dict[str, torch.Tensor] = {}
+        for name in plan.layers[i]:
+            for key, t in block.get_submodule(name).state_dict().items():
+                tensors[f"{name}.{key}"] = t
+            self.layers[f"{prefix}.{name}"] = report["layers"][f"{prefix}.{name}"]
+        _write_safetensors(self._block_path(i), tensors)
+        last = i + 1 == len(plan.layers)
+        if not last:
+            _write_safetensors(self._hidden_path(i + 1), {f"h.{s}": h for s, h in enumerate(hiddens)})
+        self.blocks_done = i + 1
+        _write_json(
+            self.folder / STATE_FILE,
+            {
+                "fingerprint": self.fingerprint,
+                "fingerprint_parts": self.parts,
+                "blocks_done": self.blocks_done,
+                "num_blocks": len(plan.layers),
+                "complete": last,
+                "layers": self.layers,
+            },
+        )
+        self._hidden_path(i).unlink(missing_ok=True)  # the inputs of the block just finished
+
+
+def _layer_from_tensors(
+    tensors: dict[str, torch.Tensor], group_size: int, dtype: torch.dtype, device: torch.device, name: str
+) -> BaqLinear:
+    required = {"weight", "bits_header", "perm", "range_min", "range_max"}
+    if not required <= set(tensors) or tensors["range_min"].dim() != 2 or tensors["weight"].dim() != 1:
+        raise ValueError(f"resume state of {name!r} lacks tensors or has bad shapes: {sorted(tensors)}")
+    layer = BaqLinear(
+        tensors["perm"].numel(),
+        tensors["range_min"].shape[0],
+        bias="bias" in tensors,
+        n_words=tensors["weight"].numel(),
+        group_size=group_size,
+        dtype=dtype,
+    )
+    layer.load_state_dict(tensors, strict=True)
+    layer.validate(name)
+    return layer.to(device)
