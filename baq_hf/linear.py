@@ -103,13 +103,34 @@ class BaqLinear(nn.Module):
             raise ValueError(f"corrupt BAQ checkpoint: layer {name!r}: {what}")
 
         n, m = self.in_features, self.out_features
+        n_groups = 1 if self.group_size == -1 else n // self.group_size
+        spec = {
+            "weight": (torch.int32, None),
+            "bits_header": (torch.uint8, ((n + 1) // 2,)),
+            "perm": (torch.int32, (n,)),
+            "range_min": (torch.float16, (m, n_groups)),
+            "range_max": (torch.float16, (m, n_groups)),
+            "group_index": (torch.int32, (n,)),
+            "bias": (None, (m,)),
+        }
+        for tensor_name, (dtype, shape) in spec.items():
+            t = getattr(self, tensor_name)
+            if t is None:
+                continue
+            if dtype is not None and t.dtype != dtype:
+                fail(f"{tensor_name} has dtype {t.dtype}, expected {dtype}")
+            if (shape is not None and tuple(t.shape) != shape) or (shape is None and t.dim() != 1):
+                fail(f"{tensor_name} has shape {tuple(t.shape)}, expected {shape or '1-D'}")
         try:
             self.post_init()
         except ValueError as exc:
             fail(f"bits_header: {exc}")
         expected = fmt.total_words(self.segments, m)
         if self.qweight.numel() != expected:
-            fail(f"qweight has {self.qweight.numel()} words but the bits_header needs {expected}")
+            fail(
+                f"qweight (stored as {name}.weight) has {self.qweight.numel()} words but the bits_header "
+                f"needs {expected}"
+            )
         perm = self.perm.long().cpu()
         if perm.numel() != n or not torch.equal(torch.sort(perm).values, torch.arange(n)):
             fail("perm is not a permutation of the input columns")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import register_quantizer
 
 from .calibration import QUANTIZABLE, _set_module, quantize_model
+from .checkpoint import check_complete_folder
 from .config import BaqConfig
 from .linear import BaqLinear
 
@@ -28,9 +30,15 @@ def read_checkpoint_layout(checkpoint_files: list[str] | None) -> dict[str, dict
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors"):
             raise ValueError(f"{path} is not a safetensors file; baq_hf loads only safetensors checkpoints")
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+        check_complete_folder(os.path.dirname(path))
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except SafetensorError as exc:
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({exc}): truncated or damaged"
+            ) from exc
     layout: dict[str, dict[str, tuple[int, ...]]] = {}
     for key in shapes:
         if key.endswith("." + _HEADER):
@@ -75,6 +83,12 @@ def build_baq_modules(model: nn.Module, layout: dict[str, dict[str, tuple[int, .
             raise ValueError(
                 f"checkpoint tensors {key}.range_min/range_max have shapes {rmin}/"
                 f"{tensors.get('range_max')}, expected ({n_out}, groups): checkpoint and config.json disagree"
+            )
+        if ("bias" in tensors) != (getattr(module, "bias", None) is not None):
+            state = ("present", "has no") if "bias" in tensors else ("missing", "has a")
+            raise ValueError(
+                f"checkpoint tensor {key}.bias is {state[0]}, but the model's {key} {state[1]} bias: "
+                "checkpoint and config.json disagree"
             )
         n_groups = rmin[1]
         grouped = "group_index" in tensors
