@@ -180,11 +180,13 @@ def _first_output(out: Any) -> torch.Tensor:
 def _layer_groups(block: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
     """Layers in execution order, grouped when they read the same input (e.g. q, k and v)."""
     order: list[tuple[str, int]] = []
+    inputs: list[torch.Tensor] = []  # kept alive: a freed input's id() can be reused by the next one
     hooks = []
     modules = dict(block.named_modules())
     for name in names:
 
         def pre_hook(_m, args, name=name):
+            inputs.append(args[0])
             order.append((name, id(args[0])))
 
         hooks.append(modules[name].register_forward_pre_hook(pre_hook))
