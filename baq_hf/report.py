@@ -1,0 +1,489 @@
+"""Inspect a saved BAQ checkpoint: per-layer bits, sizes and allocation ratios, as tables and plots.
+
+Everything here reads the safetensors files directly (``safe_open`` + :func:`format.unpack_header`),
+so inspecting a checkpoint never builds the model: it works for models that do not fit in memory and
+needs neither the architecture's code nor a GPU. Only the small ``bits_header`` tensors are loaded;
+the sizes of the other tensors come from the safetensors headers.
+
+The optional ``baq_report.json`` written by ``baq-hf quantize`` adds what only calibration knows:
+Ratio_C = GM(C)/AM(C) (paper eq. 9), the modelled Ratio_L and, with ``compare_uniform``, the
+measured Ratio_L = BAQ loss / uniform GPTQ loss of every layer (the paper's Fig. 2-3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import format as fmt
+
+REPORT_FILE = "baq_report.json"
+_HEADER = "bits_header"
+# Tensors a BaqLinear stores, i.e. what BaqLinear.storage_bytes() counts.
+_LAYER_TENSORS = ("weight", "bits_header", "perm", "range_min", "range_max", "group_index", "bias")
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+
+
+@dataclass
+class LayerInfo:
+    """One BaqLinear layer as stored in the checkpoint, plus calibration stats when known."""
+
+    name: str
+    out_features: int
+    in_features: int
+    group_size: int
+    code_bits: float
+    effective_bits: float
+    storage_bytes: int
+    bit_histogram: list[int]  # number of input columns per bitwidth 0..15
+    ratio_c: float | None = None
+    ratio_l: float | None = None  # measured (compare_uniform=True)
+    ratio_l_model: float | None = None  # from the sensitivity model, always available after calibration
+
+    @property
+    def n_weights(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def layer_type(self) -> str:
+        """The last name component (q_proj, down_proj, c_attn, fc1, ...): what plots group by."""
+        return self.name.rpartition(".")[2]
+
+
+@dataclass
+class CheckpointSummary:
+    """Everything ``baq-hf inspect`` prints: the layers, model-wide totals and the folder's files."""
+
+    folder: str
+    layers: list[LayerInfo]
+    files: dict[str, int]  # file name -> bytes
+    eval: dict[str, Any] = field(default_factory=dict)
+    quantization_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_weights(self) -> int:
+        return sum(layer.n_weights for layer in self.layers)
+
+    @property
+    def code_bits(self) -> float:
+        """Mean code bits per weight over all BaqLinear layers (weighted by their sizes)."""
+        n = self.n_weights
+        return sum(layer.code_bits * layer.n_weights for layer in self.layers) / n if n else float("nan")
+
+    @property
+    def effective_bits(self) -> float:
+        """8 x bytes of every stored BaqLinear tensor / number of quantized weights."""
+        n = self.n_weights
+        return 8.0 * sum(layer.storage_bytes for layer in self.layers) / n if n else float("nan")
+
+    def weight_histogram(self) -> list[int]:
+        """Number of weights stored at each bitwidth, over the whole model."""
+        total = [0] * (fmt.MAX_BITS + 1)
+        for layer in self.layers:
+            for bits, cols in enumerate(layer.bit_histogram):
+                total[bits] += cols * layer.out_features
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite(
+            {
+                "folder": self.folder,
+                "totals": {
+                    "layers": len(self.layers),
+                    "quantized_weights": self.n_weights,
+                    "code_bits": self.code_bits,
+                    "effective_bits": self.effective_bits,
+                    "weight_histogram": self.weight_histogram(),
+                    "files_bytes": sum(self.files.values()),
+                },
+                "files": self.files,
+                "layers": [asdict(layer) for layer in self.layers],
+                "eval": self.eval,
+                "quantization_config": self.quantization_config,
+            }
+        )
+
+
+def _finite(obj: Any) -> Any:
+    """Replace NaN/inf by None so the JSON is standard (json.dump would write bare NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any) -> str:
+    """Strict JSON (NaN -> null) for reports other tools read; keeps insertion (execution) order."""
+    return json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The checkpoint's safetensors files (one file or the shards of an index)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{str(folder)!r} is not a folder; give the folder a BAQ model was saved to")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {str(folder)!r}; is this a saved BAQ model?")
+    return files
+
+
+def read_layers(folder: str | Path) -> list[LayerInfo]:
+    """Every BaqLinear layer of a saved checkpoint, in checkpoint order, without building the model."""
+    from safetensors import safe_open
+
+    tensors: dict[str, tuple[list[int], str]] = {}
+    headers: dict[str, Any] = {}
+    for path in safetensors_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                sl = f.get_slice(key)
+                tensors[key] = (list(sl.get_shape()), sl.get_dtype())
+                if key.endswith("." + _HEADER):
+                    headers[key[: -len(_HEADER) - 1]] = f.get_tensor(key)
+    layers = []
+    for module, header in headers.items():
+
+        def shape(t: str, module: str = module) -> list[int] | None:
+            entry = tensors.get(f"{module}.{t}")
+            return entry[0] if entry else None
+
+        perm, rmin = shape("perm"), shape("range_min")
+        if perm is None or rmin is None or len(perm) != 1 or len(rmin) != 2:
+            raise ValueError(f"checkpoint layer {module!r} lacks perm/range_min or has malformed shapes")
+        n_in, n_out, n_groups = perm[0], rmin[0], rmin[1]
+        bits = fmt.unpack_header(header, n_in)
+        if bits.numel() != n_in:
+            raise ValueError(f"checkpoint layer {module!r}: bits_header holds fewer than {n_in} columns")
+        nbytes = 0
+        for t in _LAYER_TENSORS:
+            entry = tensors.get(f"{module}.{t}")
+            if entry is not None:
+                nbytes += math.prod(entry[0]) * _DTYPE_BYTES.get(entry[1], 4)
+        hist = [0] * (fmt.MAX_BITS + 1)
+        for b, count in Counter(bits.tolist()).items():
+            hist[int(b)] = count
+        layers.append(
+            LayerInfo(
+                name=module,
+                out_features=n_out,
+                in_features=n_in,
+                group_size=n_in // n_groups if f"{module}.group_index" in tensors else -1,
+                code_bits=float(bits.double().mean()) if n_in else 0.0,
+                effective_bits=8.0 * nbytes / (n_out * n_in) if n_out * n_in else float("nan"),
+                storage_bytes=nbytes,
+                bit_histogram=_trim(hist),
+            )
+        )
+    return layers
+
+
+def _trim(hist: list[int]) -> list[int]:
+    """Drop trailing zero counts (a histogram up to the largest bitwidth used)."""
+    end = len(hist)
+    while end > 1 and hist[end - 1] == 0:
+        end -= 1
+    return hist[:end]
+
+
+def load_report(folder: str | Path) -> dict[str, Any] | None:
+    """The folder's baq_report.json, or None when there is none."""
+    path = Path(folder) / REPORT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def _report_layers(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-layer stats from either a CLI report ({"report": {"layers": ...}}) or model.baq_report."""
+    inner = report.get("report", report)
+    layers = inner.get("layers", {}) if isinstance(inner, dict) else {}
+    return layers if isinstance(layers, dict) else {}
+
+
+def _match(name: str, stats: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Report entry of a checkpoint layer; tolerates a base-model prefix present on one side only."""
+    if name in stats:
+        return stats[name]
+    for key, value in stats.items():
+        if key.endswith("." + name) or name.endswith("." + key):
+            return value
+    return None
+
+
+def _natural_key(name: str) -> list[Any]:
+    """``layers.10`` after ``layers.9``: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def summarize(folder: str | Path) -> CheckpointSummary:
+    """Read layers, files, and (when present) baq_report.json and config.json of a saved model."""
+    folder = Path(folder)
+    layers = read_layers(folder)
+    report = load_report(folder) or {}
+    stats = _report_layers(report)
+    order = {name: i for i, name in enumerate(stats)}  # the report lists layers in execution order
+    for layer in layers:
+        entry = _match(layer.name, stats)
+        if entry:
+            layer.ratio_c = _num(entry.get("ratio_c"))
+            layer.ratio_l = _num(entry.get("ratio_l"))
+            layer.ratio_l_model = _num(entry.get("ratio_l_model"))
+    layers.sort(key=lambda la: (_natural_key(la.name)[:-1], order.get(la.name, len(order)), la.name))
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    qconfig: dict[str, Any] = {}
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        try:
+            qconfig = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config") or {}
+        except ValueError:
+            qconfig = {}
+    return CheckpointSummary(
+        folder=str(folder),
+        layers=layers,
+        files=files,
+        eval=report.get("eval", {}) if isinstance(report.get("eval"), dict) else {},
+        quantization_config=qconfig,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def histogram_text(hist: list[int]) -> str:
+    """Compact histogram: ``bits:count`` for every bitwidth used, e.g. ``2:32 3:32``."""
+    return " ".join(f"{b}:{n}" for b, n in enumerate(hist) if n)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"
+
+
+def format_table(summary: CheckpointSummary) -> str:
+    """The per-layer table and the totals, as ``baq-hf inspect`` prints them."""
+    header = [
+        "layer",
+        "out x in",
+        "code bits",
+        "eff bits",
+        "Ratio_C",
+        "Ratio_L",
+        "Ratio_L(model)",
+        "histogram",
+    ]
+    rows = [
+        [
+            layer.name,
+            f"{layer.out_features}x{layer.in_features}",
+            _fmt(layer.code_bits),
+            _fmt(layer.effective_bits),
+            _fmt(layer.ratio_c),
+            _fmt(layer.ratio_l),
+            _fmt(layer.ratio_l_model),
+            histogram_text(layer.bit_histogram),
+        ]
+        for layer in summary.layers
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    numeric = {2, 3, 4, 5, 6}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    out = [line(header), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    out.append("")
+    out.append(f"BaqLinear layers:     {len(summary.layers)} ({summary.n_weights:,} quantized weights)")
+    out.append(
+        f"mean code bits:       {_fmt(summary.code_bits)}  (histogram over all weights: "
+        f"{histogram_text(summary.weight_histogram())})"
+    )
+    out.append(f"effective bits:       {_fmt(summary.effective_bits)}  (codes, header, ranges, index, bias)")
+    if summary.layers and all(layer.ratio_l is None for layer in summary.layers):
+        out.append("Ratio_L (measured):   not in the report (quantize with --compare-uniform to measure it)")
+    out.append("files:")
+    for name, size in summary.files.items():
+        out.append(f"  {name:<40} {human_bytes(size):>12}")
+    out.append(f"  {'total':<40} {human_bytes(sum(summary.files.values())):>12}")
+    if summary.eval:
+        out.append("")
+        out.append(format_eval_table(summary.eval))
+    return "\n".join(out)
+
+
+def format_eval_table(results: dict[str, Any]) -> str:
+    """``dataset  fp ppl  BAQ ppl`` from {name: {"fp": {"ppl": ..}, "baq": {"ppl": ..}}} (either may miss)."""
+
+    def ppl(entry: Any) -> float | None:
+        if isinstance(entry, dict):
+            return _num(entry.get("ppl"))
+        return _num(entry)
+
+    rows = [["dataset", "fp ppl", "BAQ ppl"]]
+    for name, entry in results.items():
+        entry = entry if isinstance(entry, dict) else {"baq": entry}
+        rows.append([name, _fmt(ppl(entry.get("fp")), 2), _fmt(ppl(entry.get("baq")), 2)])
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(
+        f"{r[0].ljust(widths[0])}  {r[1].rjust(widths[1])}  {r[2].rjust(widths[2])}" for r in rows
+    )
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def plot_summary(summary: CheckpointSummary, outdir: str | Path) -> list[Path]:
+    """Write PNGs: the model's bit histogram, histograms per layer type, and Ratio_C vs Ratio_L.
+
+    The Ratio plot (paper Fig. 2-3) is written only when the report has the ratios; it uses the
+    measured Ratio_L when every layer has one, else the modelled Ratio_L (and says so on the axis).
+    Returns the written paths.
+    """
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("plots need matplotlib: pip install 'baq_hf[plot]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not summary.layers:
+        raise ValueError(f"{summary.folder} holds no BaqLinear layer to plot")
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    # 1. whole-model histogram, as the share of weights at each bitwidth
+    hist = _trim(summary.weight_histogram())
+    total = sum(hist)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar(range(len(hist)), [100.0 * h / total for h in hist], color="#3b6ea8")
+    for bar, h in zip(bars, hist, strict=True):
+        if h:
+            ax.annotate(
+                f"{100.0 * h / total:.1f}%",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    ax.set_xticks(range(len(hist)))
+    ax.set_xlabel("bits per weight (column bitwidth)")
+    ax.set_ylabel("share of quantized weights (%)")
+    ax.set_title(
+        f"Bit allocation, whole model: {summary.code_bits:.3f} code bits, "
+        f"{summary.effective_bits:.3f} effective bits",
+        fontsize=10,
+    )
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    written.append(_save(fig, outdir / "bit_histogram.png", plt))
+
+    # 2. per layer type: share of columns at each bitwidth, one panel per type
+    by_type: dict[str, list[int]] = defaultdict(lambda: [0] * (fmt.MAX_BITS + 1))
+    mean_bits: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for layer in summary.layers:
+        for b, n in enumerate(layer.bit_histogram):
+            by_type[layer.layer_type][b] += n * layer.out_features
+        mean_bits[layer.layer_type][0] += layer.code_bits * layer.n_weights
+        mean_bits[layer.layer_type][1] += layer.n_weights
+    types = list(by_type)
+    max_bits = max(len(_trim(h)) for h in by_type.values())
+    ncols = min(4, len(types))
+    nrows = math.ceil(len(types) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False, sharey=True)
+    for ax, t in zip(axes.flat, types, strict=False):
+        h = by_type[t][:max_bits]
+        s = sum(h) or 1
+        ax.bar(range(max_bits), [100.0 * v / s for v in h], color="#3b6ea8")
+        ax.set_title(f"{t} ({mean_bits[t][0] / mean_bits[t][1]:.2f} bits)", fontsize=9)
+        ax.set_xticks(range(max_bits))
+        ax.tick_params(labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(types) :]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("% of weights", fontsize=8)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("bits", fontsize=8)
+    fig.suptitle("Bit allocation per layer type (all blocks)", fontsize=10)
+    fig.tight_layout()
+    written.append(_save(fig, outdir / "bit_histogram_by_type.png", plt))
+
+    # 3. Ratio_C vs Ratio_L (paper Fig. 2-3)
+    measured = all(layer.ratio_l is not None for layer in summary.layers)
+    pairs = [
+        (layer, layer.ratio_c, layer.ratio_l if measured else layer.ratio_l_model) for layer in summary.layers
+    ]
+    pairs = [(la, c, r) for la, c, r in pairs if c is not None and r is not None and math.isfinite(c * r)]
+    if pairs:
+        fig, ax = plt.subplots(figsize=(5.5, 5.5))
+        cmap = plt.get_cmap("tab10")
+        for i, t in enumerate(types):
+            pts = [(c, r) for la, c, r in pairs if la.layer_type == t]
+            if pts:
+                ax.scatter(
+                    [c for c, _ in pts], [r for _, r in pts], s=22, label=t, color=cmap(i % 10), alpha=0.8
+                )
+        hi = max(1.0, *(max(c, r) for _, c, r in pairs)) * 1.02
+        ax.plot([0, hi], [0, hi], color="grey", lw=1, ls="--", label="y = x")
+        ax.set_xlim(0, hi)
+        ax.set_ylim(0, hi)
+        ax.set_aspect("equal")
+        ax.set_xlabel("Ratio_C = GM(C) / AM(C)  (predicted loss ratio)")
+        which = "measured" if measured else "modelled; --compare-uniform measures it"
+        ax.set_ylabel(f"Ratio_L = BAQ loss / uniform loss ({which})")
+        ax.set_title("BAQ vs uniform GPTQ, per layer (lower is better)", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(_save(fig, outdir / "ratio_c_vs_ratio_l.png", plt))
+    return written
+
+
+def _save(fig: Any, path: Path, plt: Any) -> Path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
