@@ -1,0 +1,293 @@
+"""The baq-hf command line on a tiny random LLaMA with a 128-token BPE tokenizer (no Hub, no GPU).
+
+``cli.main([...])`` runs in-process and returns the exit code; one subprocess checks the installed
+``baq-hf`` entry point. The quantize run below also pushes (to a patched HfApi) and evaluates, so
+the eval/inspect tests can compare against what quantize recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+from transformers import AutoModelForCausalLM
+
+from baq_hf import BaqLinear, cli, data
+
+from .conftest import VOCAB, tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models run faster on one thread: OpenMP's spin-waits dominate 64-wide matmuls, badly so
+    when other processes share the cores (20 s instead of 1 s per quantization seen on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_tokenizer(vocab_size: int = VOCAB):
+    """A BPE tokenizer with exactly ``vocab_size`` tokens (the tiny models' vocab), trained in < 1 s.
+
+    Ids 1 and 2 are <s> and </s>, the tiny LLaMA's bos/eos ids.
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(tok_models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        limit_alphabet=60,
+        show_progress=False,
+    )
+    tok.train_from_iterator([data.default_calibration_text()[:50_000]], trainer)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert len(out) == vocab_size
+    return out
+
+
+def save_tiny_with_tokenizer(folder: Path, arch: str = "llama") -> Path:
+    """A float tiny model and its tokenizer in one folder, as a Hub model repo would hold them."""
+    tiny_model(arch).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Tiny float model folder, a calibration .txt, an eval .jsonl, and one quantize run of the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    fp = save_tiny_with_tokenizer(root / "fp")
+    text = data.default_calibration_text()
+    calib = root / "calib.txt"
+    calib.write_text(text[:20_000], encoding="utf-8")
+    evalset = root / "eval.jsonl"
+    evalset.write_text(
+        "\n".join(json.dumps({"text": t}) for t in text[60_000:66_000].split("\n\n") if t.strip()),
+        encoding="utf-8",
+    )
+    out = root / "baq"
+    uploads: list[dict] = []
+
+    def fake_upload(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        uploads.append({**kwargs, "files": sorted(p.name for p in folder.iterdir())})
+        return None
+
+    argv = [
+        "quantize", str(fp), "--bits", "2.5", "--dataset", str(calib), "--num-samples", "4",
+        "--seqlen", "32", "--group-size", "32", "--compare-uniform", "--eval", str(evalset),
+        "--eval-windows", "3", "--out", str(out), "--push-to-hub", "user/tiny-baq", "--no-progress",
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: repo_id)
+        mp.setattr(HfApi, "upload_folder", fake_upload)
+        rc = cli.main(argv)
+    return {"rc": rc, "fp": fp, "out": out, "eval": evalset, "calib": calib, "uploads": uploads}
+
+
+def test_quantize_writes_a_complete_folder(workspace, capsys):
+    assert workspace["rc"] == 0
+    out = workspace["out"]
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "baq_report.json", "README.md"} <= names
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "baq" and config["bits"] == 2.5 and config["group_size"] == 32
+    assert config["dataset"] == str(workspace["calib"])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    layers = [m for m in model.modules() if isinstance(m, BaqLinear)]
+    assert len(layers) == 14
+    assert all(abs(layer.code_bits - 2.5) < 1 / layer.in_features for layer in layers)
+
+
+def test_quantize_report_has_layers_eval_and_timing(workspace):
+    report = json.loads((workspace["out"] / "baq_report.json").read_text())
+    layers = report["report"]["layers"]
+    assert len(layers) == 14
+    for stats in layers.values():
+        assert {"code_bits", "bit_histogram", "ratio_c", "ratio_l", "ratio_l_model", "loss"} <= set(stats)
+    ((name, entry),) = report["eval"].items()
+    assert name == str(workspace["eval"])
+    assert entry["fp"] > 1 and entry["baq"] > 1
+    timing = report["timing"]
+    assert timing["quantize_seconds"] > 0 and timing["total_seconds"] >= timing["quantize_seconds"]
+    assert report["eval_settings"] == {"seqlen": 32, "max_windows": 3}
+
+
+def test_quantize_pushes_the_saved_folder(workspace):
+    (upload,) = workspace["uploads"]
+    assert upload["repo_id"] == "user/tiny-baq"
+    assert Path(upload["folder_path"]) == workspace["out"]
+    assert {"model.safetensors", "config.json", "README.md", "baq_report.json", "tokenizer.json"} <= set(
+        upload["files"]
+    )
+    card = (workspace["out"] / "README.md").read_text()
+    assert 'from_pretrained("user/tiny-baq")' in card
+
+
+def test_eval_reproduces_the_perplexity_recorded_at_quantization(workspace, capsys):
+    report = json.loads((workspace["out"] / "baq_report.json").read_text())
+    recorded = report["eval"][str(workspace["eval"])]["baq"]
+    argv = ["eval", str(workspace["out"]), "--dataset", str(workspace["eval"]), "--seqlen", "32"]
+    assert cli.main([*argv, "--max-windows", "3", "--json", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)[str(workspace["eval"])]
+    assert result["ppl"] == recorded  # the reloaded model is bit-exact, so the perplexity is too
+    assert result["n_windows"] == 3 and result["n_tokens"] == 3 * 31
+    assert cli.main([*argv, "--max-windows", "1", "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "ppl" in table and "windows" in table
+
+
+def test_inspect_table_matches_the_loaded_layers(workspace, capsys):
+    assert cli.main(["inspect", str(workspace["out"])]) == 0
+    text = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj" in text and "64x64" in text
+    assert "mean code bits" in text and "effective bits" in text and "model.safetensors" in text
+
+    assert cli.main(["inspect", str(workspace["out"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    model = AutoModelForCausalLM.from_pretrained(workspace["out"])
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, BaqLinear)}
+    assert {layer["name"] for layer in info["layers"]} == set(layers)
+    for entry in info["layers"]:
+        layer = layers[entry["name"]]
+        assert entry["code_bits"] == pytest.approx(layer.code_bits)
+        assert entry["effective_bits"] == pytest.approx(layer.effective_bits)
+        assert entry["storage_bytes"] == layer.storage_bytes()
+        assert entry["group_size"] == 32
+        hist = layer.column_bits().bincount().tolist()
+        assert entry["bit_histogram"] == hist
+        assert entry["ratio_c"] is not None and entry["ratio_l"] is not None
+    totals = info["totals"]
+    n = sum(m.in_features * m.out_features for m in layers.values())
+    assert totals["effective_bits"] == pytest.approx(8 * sum(m.storage_bytes() for m in layers.values()) / n)
+    assert totals["code_bits"] == pytest.approx(2.5, abs=0.02)
+    assert totals["files_bytes"] == sum(p.stat().st_size for p in workspace["out"].iterdir())
+
+
+def test_inspect_plots(workspace, tmp_path, capsys):
+    assert cli.main(["inspect", str(workspace["out"]), "--plot", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["bit_histogram.png", "bit_histogram_by_type.png", "ratio_c_vs_ratio_l.png"]
+    for p in tmp_path.iterdir():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_inspect_without_report_still_works(workspace, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    shutil.copytree(workspace["out"], bare)
+    (bare / "baq_report.json").unlink()
+    assert cli.main(["inspect", str(bare), "--plot", str(tmp_path / "plots")]) == 0
+    assert "--compare-uniform" in capsys.readouterr().out
+    # no ratios without a report: the histograms only
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "bit_histogram.png",
+        "bit_histogram_by_type.png",
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["quantize", "--bits", "2"],  # --out missing
+        ["quantize", "m", "--out", "x", "--allocation", "best"],
+        ["quantize", "m", "--out", "x", "--num-samples", "0"],
+        ["eval", "dir"],  # --dataset missing
+        ["inspect"],
+        ["frobnicate"],
+        [],
+    ],
+)
+def test_usage_errors_exit_2(argv, capsys):
+    assert cli.main(argv) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["quantize", "{fp}", "--bits", "20", "--out", "{tmp}/o"], "BaqConfig.bits=20.0 is invalid"),
+        (["quantize", "{fp}", "--allocation", "uniform", "--bits", "2.5", "--out", "{tmp}/o"], "uniform"),
+        (["quantize", "{fp}", "--dataset", "{tmp}/missing.txt", "--out", "{tmp}/o"], "missing.txt"),
+        (["quantize", "{fp}", "--eval", "nosuchset", "--out", "{tmp}/o"], "nosuchset"),
+        (["quantize", "{fp}", "--out", "{fp}"], "not empty"),
+        (["inspect", "{tmp}/nothing"], "is not a folder"),
+        (["inspect", "{fp}"], "no BaqLinear layer"),
+        (["eval", "{tmp}/nothing", "--dataset", "{calib}"], "neither a folder nor a Hub id"),
+    ],
+)
+def test_handled_errors_exit_1_without_traceback(workspace, tmp_path, capsys, argv, message):
+    fill = {"fp": workspace["fp"], "tmp": tmp_path, "calib": workspace["calib"]}
+    assert cli.main([a.format(**fill) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") or "\nerror: " in err
+    assert message in err and "Traceback" not in err
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_inspect", interrupted)
+    assert cli.main(["inspect", "anything"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_every_quantize_flag_is_explained(capsys):
+    assert cli.main(["quantize", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    flags = (
+        "--bits --allocation --dataset --out --group-size --act-order --sym --num-samples --seqlen --seed "
+        "--damp-percent --min-bits --max-bits --resume --compare-uniform --eval --eval-windows "
+        "--push-to-hub --overwrite --private --base-model --device --no-progress"
+    )
+    for flag in flags.split():
+        assert flag in text, flag
+    assert "smollm2-135m" in text and "(default: 2.0)" in text
+
+
+def test_defaults_follow_baq_config():
+    args = cli.build_parser().parse_args(["quantize", "--out", "x"])
+    from baq_hf import BaqConfig
+
+    config = BaqConfig()
+    assert args.model == "smollm2-135m" and args.dataset is None
+    for field in ("bits", "allocation", "group_size", "num_samples", "seqlen", "seed", "damp_percent"):
+        assert getattr(args, field) == getattr(config, field), field
+
+
+def test_base_model_for_the_card(tmp_path):
+    assert cli._base_model_id("smollm2-135m", None) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert cli._base_model_id("facebook/opt-125m", None) == "facebook/opt-125m"
+    assert cli._base_model_id(str(tmp_path), None) is None
+    assert cli._base_model_id(str(tmp_path), "org/model") == "org/model"
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).with_name("baq-hf")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "baq_hf.cli"]
+    proc = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for sub in ("quantize", "eval", "inspect", "Exit codes"):
+        assert sub in proc.stdout
+
+
+def test_tiny_tokenizer_matches_the_tiny_model():
+    tok = make_tokenizer()
+    ids = tok("the tower is 324 metres tall")["input_ids"]
+    assert max(ids) < VOCAB and tok.bos_token_id == 1 and tok.eos_token_id == 2
+    with torch.no_grad():
+        tiny_model("llama")(torch.tensor([ids]))

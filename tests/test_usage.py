@@ -1,0 +1,219 @@
+"""A quantized model works unchanged in the usual transformers workflows.
+
+generate, pipeline("text-generation"), device_map / accelerate offload (to "cpu" and "disk"),
+torch.compile, and model.dequantize(), on tiny random LLaMA and OPT models (OPT's BaqLinear layers
+carry a bias, a parameter that accelerate offloads; LLaMA's have only buffers).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import dispatch_model
+from transformers import AutoModelForCausalLM, pipeline
+
+from baq_hf import BaqConfig, BaqLinear
+
+from .conftest import calibration_ids
+from .test_cli import make_tokenizer
+
+PROMPT = "the tower is"
+# The BaqLinear buffers, i.e. the packed weight, that must reach the forward pass intact.
+BUFFERS = ("weight", "bits_header", "perm", "range_min", "range_max")
+# Non-block modules of each tiny architecture, kept on "cpu" when the blocks are offloaded.
+OUTSIDE = {
+    "llama": ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"],
+    "opt": [
+        "model.decoder.embed_tokens",
+        "model.decoder.embed_positions",
+        "model.decoder.final_layer_norm",
+        "lm_head",
+    ],
+}
+BLOCKS = {"llama": "model.layers", "opt": "model.decoder.layers"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models run faster on one thread: OpenMP's spin-waits dominate 64-wide matmuls, badly so
+    when other processes share the cores (20 s instead of 1 s per quantization seen on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def offload_map(arch: str, where: str = "disk") -> dict[str, str]:
+    """Block 0 on the CPU, block 1 offloaded to ``where``."""
+    device_map = dict.fromkeys(OUTSIDE[arch], "cpu")
+    device_map[f"{BLOCKS[arch]}.0"] = "cpu"
+    device_map[f"{BLOCKS[arch]}.1"] = where
+    return device_map
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_checkpoints, tmp_path_factory):
+    """Per architecture: the freshly quantized model and the folder it was saved to."""
+    out = {}
+    for arch in ("llama", "opt"):
+        config = BaqConfig(bits=2.5, dataset=calibration_ids(), num_samples=8, seqlen=32)
+        model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch], quantization_config=config)
+        folder = tmp_path_factory.mktemp(f"usage-{arch}")
+        model.save_pretrained(folder)
+        out[arch] = (model, folder)
+    return out
+
+
+def ids(seed: int = 5) -> torch.Tensor:
+    return torch.tensor(calibration_ids(2, seed=seed))
+
+
+def logits(model: torch.nn.Module, seed: int = 5) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids(seed)).logits
+
+
+def baq_layers(model: torch.nn.Module) -> dict[str, BaqLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, BaqLinear)}
+
+
+def test_generate_is_identical_after_reload(saved, tokenizer):
+    model, folder = saved["llama"]
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    enc = tokenizer(PROMPT, return_tensors="pt")
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+    out = model.generate(**enc, **kw)
+    assert out.shape == (1, enc["input_ids"].shape[1] + 6)
+    assert torch.equal(reloaded.generate(**enc, **kw), out)
+
+
+def test_text_generation_pipeline(saved, tokenizer):
+    model, folder = saved["llama"]
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    generator = pipeline("text-generation", model=reloaded, tokenizer=tokenizer)
+    kw = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+    (result,) = generator(PROMPT, **kw)
+    assert result["generated_text"].startswith(PROMPT)
+    (tokens,) = generator(PROMPT, return_tensors=True, **kw)
+    expected = model.generate(**tokenizer(PROMPT, return_tensors="pt"), **kw)[0].tolist()
+    assert tokens["generated_token_ids"] == expected
+
+
+@pytest.mark.parametrize("device_map", [{"": "cpu"}, "auto"])
+def test_device_map_on_cpu(saved, device_map):
+    model, folder = saved["llama"]
+    loaded = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map)
+    assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_device_map_with_a_block_on_disk(saved, tmp_path):
+    """from_pretrained with a "disk" entry: LLaMA's BaqLinear hold only buffers, which stay in memory."""
+    model, folder = saved["llama"]
+    loaded = AutoModelForCausalLM.from_pretrained(
+        folder, device_map=offload_map("llama"), offload_folder=tmp_path
+    )
+    assert loaded.hf_device_map["model.layers.1"] == "disk"
+    assert loaded.model.layers[1].input_layernorm.weight.device.type == "meta"  # really offloaded
+    expected = baq_layers(model)
+    for name, layer in baq_layers(loaded).items():
+        for buffer in BUFFERS:
+            assert torch.equal(getattr(layer, buffer), getattr(expected[name], buffer)), (name, buffer)
+    assert torch.equal(logits(loaded), logits(model))
+    assert torch.equal(logits(loaded, seed=6), logits(model, seed=6))  # and again, after hooks ran
+
+
+@pytest.mark.parametrize(
+    ("arch", "offload_buffers"), [("llama", True), ("opt", False)], ids=["buffers-on-disk", "bias-on-disk"]
+)
+def test_from_pretrained_offloading_baq_tensors_to_disk(saved, tmp_path, arch, offload_buffers):
+    """BaqLinear tensors themselves on disk at load time (the bias param, or all with offload_buffers).
+
+    Known core limitation: the loader validates every BaqLinear (BaqLinear.validate/post_init) right
+    after loading, and offloaded tensors are still on the meta device then. This test turns into a
+    pass, with no edit here, once the loader skips or defers that check for offloaded layers.
+    """
+    model, folder = saved[arch]
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, device_map=offload_map(arch), offload_folder=tmp_path, offload_buffers=offload_buffers
+        )
+    except (RuntimeError, NotImplementedError) as exc:
+        if "meta" not in str(exc):
+            raise
+        pytest.xfail(f"core: BaqLinear.validate() reads offloaded (meta) tensors at load time: {exc}")
+    assert torch.equal(logits(loaded), logits(model))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("where", ["disk", "cpu"])
+def test_dispatch_model_offloads_baq_layers(saved, tmp_path, arch, where):
+    """accelerate.dispatch_model on a loaded model, buffers included: weights stream in per forward.
+
+    "cpu" offload means "kept in CPU memory, run on the GPU", so it needs a GPU; "disk" runs anywhere.
+    """
+    if where == "cpu" and not torch.cuda.is_available():
+        pytest.skip("offloading to 'cpu' means executing on a GPU")
+    model, folder = saved[arch]
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    expected = logits(model)
+    main = "cuda" if torch.cuda.is_available() else "cpu"
+    device_map = {k: (main if v == "cpu" else v) for k, v in offload_map(arch, where).items()}
+    dispatched = dispatch_model(
+        loaded, device_map=device_map, main_device=main, offload_dir=tmp_path, offload_buffers=True
+    )
+    block1 = dict(baq_layers(dispatched))
+    offloaded = [layer for name, layer in block1.items() if f"{BLOCKS[arch]}.1." in name]
+    assert offloaded and all(layer.weight.device.type == "meta" for layer in offloaded)
+    with torch.no_grad():
+        first = dispatched(ids().to(main)).logits.cpu()
+        second = dispatched(ids().to(main)).logits.cpu()  # buffers survive the first round trip
+    if main == "cpu":
+        assert torch.equal(first, expected) and torch.equal(second, expected)
+    else:  # the Triton kernels accumulate in another order than the CPU reference
+        assert torch.allclose(first, expected, atol=1e-4) and torch.equal(first, second)
+
+
+def test_torch_compile_of_a_baq_layer(saved):
+    """Inductor on CPU compiles a BaqLinear (the unpacking included) and matches eager."""
+    model, _ = saved["llama"]
+    layer = model.model.layers[0].self_attn.q_proj
+    torch._dynamo.reset()
+    compiled = torch.compile(layer)
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), layer(x), atol=1e-6)
+        assert torch.allclose(compiled(2 * x), layer(2 * x), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torch_compile_of_the_whole_model(saved):
+    """The whole quantized model under torch.compile (about 2-3 minutes of compilation on 2 CPU cores)."""
+    model, _ = saved["llama"]
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        assert torch.allclose(compiled(ids()).logits, logits(model), atol=1e-5)
+
+
+def test_dequantize_gives_a_plain_model(saved, tmp_path):
+    _, folder = saved["llama"]
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    expected = {n: m.dequantize() for n, m in baq_layers(loaded).items()}
+    before = logits(loaded)
+    plain = loaded.dequantize()
+    assert not baq_layers(plain)
+    for name, weight in expected.items():
+        linear = plain.get_submodule(name)
+        assert type(linear) is torch.nn.Linear and torch.equal(linear.weight, weight)
+    assert getattr(plain.config, "quantization_config", None) is None
+    assert torch.allclose(logits(plain), before, atol=1e-6)
+    plain.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not baq_layers(again) and getattr(again.config, "quantization_config", None) is None
+    assert torch.equal(logits(again), logits(plain))
