@@ -97,8 +97,8 @@ def plan_quantization(model: nn.Module, config: BaqConfig) -> QuantizationPlan:
                     )
                 else:
                     names.append(sub)
-            elif sub and not list(module.children()) and any(p.dim() >= 2 for p in module.parameters(False)):
-                skipped[full] = f"unsupported layer type {type(module).__name__}"
+            elif any(p.dim() >= 2 for p in module.parameters(recurse=False)):  # own weights, any nesting
+                skipped[full.rstrip(".")] = f"unsupported layer type {type(module).__name__}"
         layers.append(names)
     for name, module in model.named_modules():
         if isinstance(module, QUANTIZABLE) and not name.startswith(f"{blocks_name}."):
