@@ -519,6 +519,20 @@ def test_interrupted_run_resumes_to_a_bit_identical_result(tmp_path, monkeypatch
     assert json.loads((resume_dir / STATE_FILE).read_text())["complete"]
 
 
+def test_resume_through_from_pretrained(tiny_checkpoints, tmp_path, monkeypatch):
+    def config(**kw):
+        return BaqConfig(bits=2.5, dataset=calibration_ids(), num_samples=8, seqlen=32, **kw)
+
+    path = tiny_checkpoints["llama"]
+    reference = AutoModelForCausalLM.from_pretrained(path, quantization_config=config())
+    interrupt_at_block(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=config(resume_dir=str(tmp_path)))
+    monkeypatch.undo()
+    resumed = AutoModelForCausalLM.from_pretrained(path, quantization_config=config(resume_dir=str(tmp_path)))
+    assert_same_state(reference, resumed)
+
+
 def test_finished_state_is_reused_without_calibration(tmp_path, monkeypatch):
     reference = tiny_model("llama")
     quantize(reference, resume_dir=str(tmp_path / "state"))
