@@ -287,6 +287,36 @@ def _result_dict(result: Any) -> dict[str, Any]:
     return asdict(result)
 
 
+def _preflight(source: str, config: Any, eval_seqlen: int | None) -> None:
+    """Check the settings against the model's shapes before anything slow runs.
+
+    Builds the model on the meta device (no weights, no memory) and runs the quantization plan, which
+    rejects a group_size that does not divide a layer's input size or a modules_to_not_convert that
+    leaves nothing to quantize; also checks the window lengths against max_position_embeddings.
+    Architectures that cannot be built this way are simply not pre-checked.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .calibration import plan_quantization
+
+    try:
+        model_config = AutoConfig.from_pretrained(source)
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(model_config)
+    except Exception as exc:  # the real load below reports real problems
+        _log(f"(settings not pre-checked: {type(exc).__name__}: {exc})")
+        return
+    plan_quantization(empty, config)
+    max_pos = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    for flag, length in (("--seqlen", config.seqlen), ("--eval-seqlen", eval_seqlen)):
+        if max_pos is not None and length is not None and length > max_pos:
+            raise ValueError(
+                f"{flag} {length} exceeds the model's max_position_embeddings={max_pos}; "
+                f"use at most {max_pos}"
+            )
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Load, (evaluate), quantize, (evaluate), save, (push)."""
     import torch
@@ -326,6 +356,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     base_model = _base_model_id(args.model, args.base_model)
     source = models.resolve_model(args.model)
+    _preflight(source, config, eval_seqlen if args.eval else None)
     _log(f"loading tokenizer from {source}")
     tokenizer = AutoTokenizer.from_pretrained(source)
     config.tokenizer = tokenizer
@@ -373,7 +404,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(format_eval_table(results))
 
     notes = [SMOLLM2_NOTE] if args.model.strip().lower() == DEFAULT_MODEL else []
-    t = time.perf_counter()
+    timing["total_seconds"] = time.perf_counter() - t_start  # everything but the save itself
     extra = {
         "source": args.model,
         "eval_settings": {"seqlen": eval_seqlen, "max_windows": args.eval_windows} if args.eval else None,
@@ -388,14 +419,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         repo_id=args.push_to_hub,
         extra_report=extra,
         notes=notes,
-    )
-    timing["save_seconds"] = time.perf_counter() - t
-    timing["total_seconds"] = time.perf_counter() - t_start
-    # rewrite the report with the final timing (cheap: a small JSON file)
-    from .report import REPORT_FILE, to_json
-
-    (out / REPORT_FILE).write_text(
-        to_json(hub.build_report(model, results or None, base_model, extra)), encoding="utf-8"
     )
     print(f"saved to {out} ({code_bits:.3f} code bits, {effective_bits:.3f} effective bits)")
     if args.push_to_hub:

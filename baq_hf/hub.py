@@ -288,17 +288,18 @@ def save_folder(
     extra_report: dict[str, Any] | None = None,
     notes: Sequence[str] = (),
 ) -> Path:
-    """Write model (safetensors + config.json), tokenizer, baq_report.json and README.md to ``folder``."""
-    folder = Path(folder)
+    """Write model (safetensors + config.json), tokenizer, baq_report.json and README.md to ``folder``.
+
+    The folder is written atomically (:func:`baq_hf.checkpoint.save_quantized`: a temporary sibling
+    renamed into place), so an interrupted save never leaves a folder that half loads; an existing
+    ``folder`` is replaced.
+    """
+    from .checkpoint import save_quantized
+
     card = model_card(model, base_model, perplexities, repo_id=repo_id, notes=notes)  # fails if not BAQ
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
     report = build_report(model, perplexities, base_model, extra_report)
-    (folder / REPORT_FILE).write_text(to_json(report), encoding="utf-8")
-    (folder / "README.md").write_text(card, encoding="utf-8")
-    return folder
+    extra = {REPORT_FILE: to_json(report), "README.md": card}
+    return save_quantized(model, folder, tokenizer, extra_files=extra)
 
 
 def push_folder(
@@ -342,7 +343,9 @@ def push_to_hub(
     CommitInfo of the upload.
     """
     with tempfile.TemporaryDirectory(prefix="baq_hf-push-") as tmp:
-        save_folder(model, tmp, tokenizer, perplexities, base_model=base_model, repo_id=repo_id)
+        folder = save_folder(
+            model, Path(tmp) / "model", tokenizer, perplexities, base_model=base_model, repo_id=repo_id
+        )
         return push_folder(
-            tmp, repo_id, private=private, token=token, commit_message=commit_message, **kwargs
+            folder, repo_id, private=private, token=token, commit_message=commit_message, **kwargs
         )

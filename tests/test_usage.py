@@ -7,6 +7,10 @@ carry a bias, a parameter that accelerate offloads; LLaMA's have only buffers).
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from accelerate import dispatch_model
@@ -60,12 +64,19 @@ def tokenizer():
 def saved(tiny_checkpoints, tmp_path_factory):
     """Per architecture: the freshly quantized model and the folder it was saved to."""
     out = {}
-    for arch in ("llama", "opt"):
-        config = BaqConfig(bits=2.5, dataset=calibration_ids(), num_samples=8, seqlen=32)
+    variants = {
+        "llama": ("llama", {}),
+        "opt": ("opt", {}),
+        # groups in act-order, symmetric ranges: every optional tensor and code path of the format
+        "llama-grouped": ("llama", {"group_size": 32, "act_order": True, "sym": True, "bits": 2.75}),
+    }
+    for name, (arch, extra) in variants.items():
+        settings = {"bits": 2.5, "dataset": calibration_ids(), "num_samples": 8, "seqlen": 32, **extra}
+        config = BaqConfig(**settings)
         model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch], quantization_config=config)
-        folder = tmp_path_factory.mktemp(f"usage-{arch}")
+        folder = tmp_path_factory.mktemp(f"usage-{name}")
         model.save_pretrained(folder)
-        out[arch] = (model, folder)
+        out[name] = (model, folder)
     return out
 
 
@@ -217,3 +228,22 @@ def test_dequantize_gives_a_plain_model(saved, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not baq_layers(again) and getattr(again.config, "quantization_config", None) is None
     assert torch.equal(logits(again), logits(plain))
+
+
+@pytest.mark.parametrize("variant", ["llama", "opt", "llama-grouped"])
+def test_format_doc_numpy_dequantizer_is_bit_exact(saved, variant):
+    """docs/format.md's NumPy reader, run as printed, reproduces BaqLinear.dequantize() bit for bit."""
+    from safetensors.numpy import load_file
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "format.md").read_text(encoding="utf-8")
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if "def dequantize(" in b]
+    namespace: dict = {}
+    exec(code, namespace)
+    model, folder = saved[variant]
+    tensors = load_file(str(folder / "model.safetensors"))
+    layers = baq_layers(model)
+    assert layers
+    for name, layer in layers.items():
+        expected = layer.dequantize().numpy()
+        got = namespace["dequantize"](tensors, name)
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.int32), expected.view(np.int32)), name
