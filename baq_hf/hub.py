@@ -57,16 +57,30 @@ def _ppl_value(entry: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def normalize_perplexities(perplexities: dict[str, Any] | None) -> dict[str, dict[str, float | None]]:
-    """``{dataset: {"fp": ppl|None, "baq": ppl|None}}`` from the forms users pass.
+def _window_info(entry: Any) -> dict[str, int]:
+    """``seqlen`` and ``windows`` of a PerplexityResult or result dict, when it carries them."""
+    get = entry.get if isinstance(entry, dict) else lambda key: getattr(entry, key, None)
+    info = {"seqlen": get("seqlen"), "windows": get("n_windows")}
+    return {k: v for k, v in info.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def normalize_perplexities(perplexities: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """``{dataset: {"fp": ppl|None, "baq": ppl|None[, "seqlen": n, "windows": n]}}`` from what users pass.
 
     Accepted per dataset: a number or a PerplexityResult (the quantized model's perplexity), or a dict
-    ``{"fp": ..., "baq": ...}`` whose values are numbers, PerplexityResults or ``{"ppl": ...}`` dicts.
+    ``{"fp": ..., "baq": ...}`` whose values are numbers, PerplexityResults or result dicts. Window length
+    and count are kept when the results carry them, since a perplexity means little without them.
     """
-    out: dict[str, dict[str, float | None]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, entry in (perplexities or {}).items():
         if isinstance(entry, dict) and ("fp" in entry or "baq" in entry):
-            out[str(name)] = {"fp": _ppl_value(entry.get("fp")), "baq": _ppl_value(entry.get("baq"))}
+            fp, baq = entry.get("fp"), entry.get("baq")
+            out[str(name)] = {
+                "fp": _ppl_value(fp),
+                "baq": _ppl_value(baq),
+                **_window_info(fp),
+                **_window_info(baq),
+            }
         else:
             value = _ppl_value(entry)
             if value is None:
@@ -74,7 +88,7 @@ def normalize_perplexities(perplexities: dict[str, Any] | None) -> dict[str, dic
                     f"perplexities[{name!r}]={entry!r} is not a perplexity; give a number, a "
                     'PerplexityResult or {"fp": ..., "baq": ...}'
                 )
-            out[str(name)] = {"fp": None, "baq": value}
+            out[str(name)] = {"fp": None, "baq": value, **_window_info(entry)}
     return out
 
 
@@ -222,11 +236,13 @@ def model_card(
             "Measured at quantization time with baq_hf's GPTQ protocol (text tokenized once, "
             "non-overlapping windows, exp of the mean token NLL); lower is better.",
             "",
-            "| dataset | float | BAQ |",
-            "|---|---:|---:|",
+            "| dataset | float | BAQ | window (tokens) | windows |",
+            "|---|---:|---:|---:|---:|",
         ]
         lines += [
-            f"| {_display_name(name)} | {_fmt(e['fp'], 2)} | {_fmt(e['baq'], 2)} |" for name, e in ppl.items()
+            f"| {_display_name(name)} | {_fmt(e['fp'], 2)} | {_fmt(e['baq'], 2)} | {e.get('seqlen', '-')} | "
+            f"{e.get('windows', '-')} |"
+            for name, e in ppl.items()
         ]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]

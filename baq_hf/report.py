@@ -402,8 +402,9 @@ def plot_summary(summary: CheckpointSummary, outdir: str | Path) -> list[Path]:
     bars = ax.bar(range(len(hist)), [100.0 * h / total for h in hist], color="#3b6ea8")
     for bar, h in zip(bars, hist, strict=True):
         if h:
+            share = 100.0 * h / total
             ax.annotate(
-                f"{100.0 * h / total:.1f}%",
+                f"{share:.1f}%" if share >= 0.1 else f"{share:.2g}%",
                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                 ha="center",
                 va="bottom",

@@ -120,7 +120,7 @@ def test_quantize_report_has_layers_eval_and_timing(workspace):
         assert {"code_bits", "bit_histogram", "ratio_c", "ratio_l", "ratio_l_model", "loss"} <= set(stats)
     ((name, entry),) = report["eval"].items()
     assert name == str(workspace["eval"])
-    assert entry["fp"] > 1 and entry["baq"] > 1
+    assert entry["fp"] > 1 and entry["baq"] > 1 and entry["seqlen"] == 32 and entry["windows"] == 3
     timing = report["timing"]
     assert timing["quantize_seconds"] > 0 and timing["total_seconds"] >= timing["quantize_seconds"]
     assert report["eval_settings"] == {"seqlen": 32, "max_windows": 3}

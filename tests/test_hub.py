@@ -107,7 +107,7 @@ def test_pushed_files(pushed):
     report = json.loads((pushed["sent"] / "baq_report.json").read_text())  # strict JSON, no NaN
     assert len(report["report"]["layers"]) == 14
     assert report["eval"]["wikitext2"] == {"fp": 20.5, "baq": 31.25}
-    assert report["eval"]["c4"] == {"fp": None, "baq": 40.0}
+    assert report["eval"]["c4"] == {"fp": None, "baq": 40.0, "seqlen": 32, "windows": 2}
     assert report["base_model"] == "org/tiny-llama"
 
 
@@ -130,14 +130,17 @@ def test_card_metadata(pushed, quantized):
     n = sum(m.in_features * m.out_features for m in layers)
     assert meta["effective_bits"] == pytest.approx(8 * sum(m.storage_bytes() for m in layers) / n, abs=1e-3)
     assert sum(meta["bit_histogram"].values()) == pytest.approx(1.0, abs=1e-4)
-    assert meta["perplexity"] == {"wikitext2": {"fp": 20.5, "baq": 31.25}, "c4": {"baq": 40.0}}
+    assert meta["perplexity"] == {
+        "wikitext2": {"fp": 20.5, "baq": 31.25},
+        "c4": {"baq": 40.0, "seqlen": 32, "windows": 2},
+    }
     assert meta["datasets"] == ["allenai/c4"]  # default calibration: the shipped C4 sample
 
 
 def test_card_body(pushed, quantized):
     text = (pushed["sent"] / "README.md").read_text()
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}")' in text and "import baq_hf" in text
-    assert "| wikitext2 | 20.50 | 31.25 |" in text and "| c4 | - | 40.00 |" in text
+    assert "| wikitext2 | 20.50 | 31.25 | - | - |" in text and "| c4 | - | 40.00 | 32 | 2 |" in text
     rows = [line for line in text.splitlines() if line.startswith("| model.layers.")]
     names = [n for n, m in quantized.named_modules() if isinstance(m, BaqLinear)]
     assert [row.split(" | ")[0][2:] for row in rows] == names
@@ -159,8 +162,8 @@ def test_normalize_perplexities():
     assert hub.normalize_perplexities(None) == {}
     assert hub.normalize_perplexities({"a": 3, "b": result, "c": {"fp": {"ppl": 2.0}, "baq": result}}) == {
         "a": {"fp": None, "baq": 3.0},
-        "b": {"fp": None, "baq": 12.0},
-        "c": {"fp": 2.0, "baq": 12.0},
+        "b": {"fp": None, "baq": 12.0, "seqlen": 32, "windows": 3},
+        "c": {"fp": 2.0, "baq": 12.0, "seqlen": 32, "windows": 3},
     }
     with pytest.raises(ValueError, match="not a perplexity"):
         hub.normalize_perplexities({"a": "high"})
