@@ -175,13 +175,21 @@ def test_dequantize_matches_cpu_reference() -> None:
 
 @pytest.mark.parametrize("batch", [1, 3, 16])
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_fused_fp16(name: str, batch: int) -> None:
+def test_fused_per_code_fp16(name: str, batch: int) -> None:
     lay = layer(name)
     x = torch.randn(batch, lay.in_features, device=DEVICE).half()
+    assert_close_to_reference(tk.fused_linear(x, lay, impl="per_code"), x, lay)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_fused_chunked_fp16(name: str) -> None:
+    """The word-level batch-1 kernel (the default for one row)."""
+    lay = layer(name)
+    x = torch.randn(1, lay.in_features, device=DEVICE).half()
     assert_close_to_reference(tk.fused_linear(x, lay), x, lay)
 
 
-@pytest.mark.parametrize("batch", [1, 5, 16])
+@pytest.mark.parametrize("batch", [5, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("name", MIXED)
 def test_fused_other_dtypes(name: str, dtype: torch.dtype, batch: int) -> None:
@@ -190,15 +198,45 @@ def test_fused_other_dtypes(name: str, dtype: torch.dtype, batch: int) -> None:
     assert_close_to_reference(tk.fused_linear(x, lay), x, lay)
 
 
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", ["mixed_m3_wide", "grouped_shuffled"])
+def test_fused_batch1_other_dtypes(name: str, dtype: torch.dtype) -> None:
+    lay = layer(name)
+    x = torch.randn(1, lay.in_features, device=DEVICE).to(dtype)
+    assert_close_to_reference(tk.fused_linear(x, lay, impl="chunked"), x, lay)
+    assert_close_to_reference(tk.fused_linear(x, lay, impl="per_code"), x, lay)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["mixed", "grouped", "long_segments"])
-def test_fused_split_k(name: str, dtype: torch.dtype, batch: int) -> None:
+def test_fused_split_k(name: str, dtype: torch.dtype) -> None:
     """Split-K (fp32 atomics, bias added once) and non-default blocks give the same result."""
     lay = layer(name)
-    x = torch.randn(batch, lay.in_features, device=DEVICE).to(dtype)
+    x = torch.randn(4, lay.in_features, device=DEVICE).to(dtype)
     assert_close_to_reference(tk.fused_linear(x, lay, split=3), x, lay)
     assert_close_to_reference(tk.fused_linear(x, lay, block_m=16, block_k=32, split=2), x, lay)
+    x1 = x[:1]
+    assert_close_to_reference(tk.fused_linear(x1, lay, impl="per_code", split=3), x1, lay)
+
+
+@pytest.mark.parametrize("name", ["mixed_m3_wide", "long_segments"])
+def test_fused_chunked_split_k_and_blocks(name: str) -> None:
+    lay = layer(name)
+    x = torch.randn(1, lay.in_features, device=DEVICE).to(torch.bfloat16)
+    assert_close_to_reference(tk.fused_linear(x, lay, split=3), x, lay)
+    assert_close_to_reference(tk.fused_linear(x, lay, block_m=8, block_k=64, split=2), x, lay)
+
+
+def test_fused_rejects_bad_arguments() -> None:
+    lay = layer("bits3")
+    with pytest.raises(ValueError, match="chunked"):
+        tk.fused_linear(torch.randn(2, lay.in_features, device=DEVICE).half(), lay, impl="chunked")
+    with pytest.raises(ValueError, match="block_k"):
+        tk.fused_linear(torch.randn(1, lay.in_features, device=DEVICE).half(), lay, block_k=96)
+    with pytest.raises(ValueError, match="at most"):
+        tk.fused_linear(torch.randn(17, lay.in_features, device=DEVICE).half(), lay)
+    with pytest.raises(TypeError):
+        tk.fused_linear(torch.randn(1, lay.in_features, device=DEVICE).double(), lay)
 
 
 def test_fused_strided_input() -> None:
@@ -288,6 +326,7 @@ class TestGpu:
         x = torch.randn(batch, lay.in_features, device="cuda").to(dtype)
         assert_close_to_reference(tk.fused_linear(x, lay), x, lay)
         assert_close_to_reference(tk.fused_linear(x, lay, split=4), x, lay)
+        assert_close_to_reference(tk.fused_linear(x, lay, impl="per_code", split=1), x, lay)
 
     @pytest.mark.parametrize("rows", [1, 8, 64])
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -27,6 +27,10 @@ import triton.language as tl
 
 from .. import format as fmt
 
+# segment table row: col_start, n_cols, word_start, block_offset, word_end (host and kernel views)
+_N_SEG_FIELDS = 5
+SEG_FIELDS = tl.constexpr(_N_SEG_FIELDS)
+
 
 @triton.jit
 def _round_bf16_bits(v):
@@ -44,6 +48,18 @@ def _store_out(ptrs, v, mask, OUT_BF16: tl.constexpr):
         tl.store(ptrs, _round_bf16_bits(v).to(tl.int16), mask=mask)
     else:
         tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _code_to_float(code):
+    """Exact float of a uint32 code < 2^23: the float 2^23 + code, minus 2^23 (2 cheap ops, no I2F)."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _funnel(lo, hi, s):
+    """Bits s .. s + 31 of the 64-bit word hi:lo (uint32; s < 32, so no shift by 32)."""
+    return (lo >> s) | ((hi << 1) << (31 - s))
 
 
 @triton.jit
@@ -84,9 +100,10 @@ def _baq_gemv_kernel(
 ):
     """out[b, rows] (+)= x[b] . W[rows]^T for one block of output rows and one K split.
 
-    ``seg_ptr`` is an int32 table indexed by bitwidth R: (col_start, n_cols, word_start, block_offset);
-    absent widths have n_cols = 0. The loop over R is unrolled at compile time (R is a constexpr), so
-    shifts and masks are constants and widths 1, 2, 4, 8, which never straddle a word, read one word.
+    ``seg_ptr`` is an int32 table indexed by bitwidth R: (col_start, n_cols, word_start, block_offset,
+    word_end); absent widths have n_cols = 0. The loop over R is unrolled at compile time (R is a
+    constexpr), so shifts and masks are constants and widths 1, 2, 4, 8, which never straddle a word,
+    read one word.
     Column blocks of all segments are numbered globally (block_offset) and dealt round-robin to the
     SPLIT programs of a row block, so split-K stays balanced even when segments are short.
     """
@@ -108,10 +125,10 @@ def _baq_gemv_kernel(
         mx_row = tl.load(rmax_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
 
     for R in tl.static_range(1, MAX_R + 1):
-        col_start = tl.load(seg_ptr + R * 4 + 0)
-        n_cols = tl.load(seg_ptr + R * 4 + 1)
-        word_start = tl.load(seg_ptr + R * 4 + 2)
-        blk_off = tl.load(seg_ptr + R * 4 + 3)
+        col_start = tl.load(seg_ptr + R * SEG_FIELDS + 0)
+        n_cols = tl.load(seg_ptr + R * SEG_FIELDS + 1)
+        word_start = tl.load(seg_ptr + R * SEG_FIELDS + 2)
+        blk_off = tl.load(seg_ptr + R * SEG_FIELDS + 3)
         levels = tl.full([BLOCK_M], (1 << R) - 1, tl.float32)
         if not GROUPED:
             scale_row, zero_row = _grid(mn_row, mx_row, levels)
@@ -133,7 +150,7 @@ def _baq_gemv_kernel(
                 straddle = m2 & ((t & 31) + R > 32)
                 hi = tl.load(q_ptr + word + 1, mask=straddle, other=0).to(tl.uint32, bitcast=True)
                 code = code | ((hi << 1) << (31 - sh))
-            q = (code & ((1 << R) - 1)).to(tl.int32).to(tl.float32)
+            q = _code_to_float(code & ((1 << R) - 1))
             cols = col_start + k
             if GROUPED:
                 g = tl.load(gidx_ptr + cols, mask=kmask, other=0)
@@ -180,6 +197,162 @@ def _baq_gemv_kernel(
         tl.atomic_add(optrs, acc, mask=omask)
     else:
         _store_out(optrs, acc, omask, OUT_BF16)
+
+
+@triton.jit
+def _chunked_segment(
+    x_ptr,
+    q_ptr,
+    perm_ptr,
+    rmin_ptr,
+    rmax_ptr,
+    gidx_ptr,
+    seg_ptr,
+    rows,
+    rmask,
+    mn_row,
+    mx_row,
+    G,
+    SPLIT,
+    pid_k,
+    R: tl.constexpr,
+    P: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNKS: tl.constexpr,
+):
+    """Contribution of the R-bit segment to W[rows] . x, for one K split (see the kernel below).
+
+    P is a power of two >= ceil(32 / R): the most codes that start in one aligned word.
+    """
+    offs_c = tl.arange(0, CHUNKS)
+    offs_p = tl.arange(0, P)
+    col_start = tl.load(seg_ptr + R * SEG_FIELDS + 0)
+    n_cols = tl.load(seg_ptr + R * SEG_FIELDS + 1)
+    word_start = tl.load(seg_ptr + R * SEG_FIELDS + 2)
+    blk_off = tl.load(seg_ptr + R * SEG_FIELDS + 3)
+    word_end = tl.load(seg_ptr + R * SEG_FIELDS + 4).to(tl.int64)
+    if not GROUPED:
+        scale_row, zero_row = _grid(mn_row, mx_row, tl.full([BLOCK_M], (1 << R) - 1, tl.float32))
+        scale_b = scale_row[:, None, None]
+        zero_b = zero_row[:, None, None]
+    row_bit = word_start.to(tl.int64) * 32 + rows.to(tl.int64) * (n_cols * R).to(tl.int64)
+    row_word = row_bit >> 5
+    s = (row_bit & 31).to(tl.uint32)[:, None]
+    n_blocks = tl.cdiv(n_cols, 32 * CHUNKS)
+    first = ((pid_k - blk_off) % SPLIT + SPLIT) % SPLIT
+    acc = tl.zeros([BLOCK_M, CHUNKS, P], dtype=tl.float32)
+    for kb in range(first, n_blocks, SPLIT):
+        chunk = kb * CHUNKS + offs_c
+        col0 = chunk * 32  # first column of each run, within the segment
+        m2 = rmask[:, None] & (col0 < n_cols)[None, :]
+        base = row_word[:, None] + (chunk * R).to(tl.int64)[None, :]
+        # raw words base .. base + R; those past the segment's end are masked to 0
+        raw = tl.load(q_ptr + base, mask=m2 & (base < word_end), other=0).to(tl.uint32, bitcast=True)
+        raw_nx = tl.load(q_ptr + base + 1, mask=m2 & (base + 1 < word_end), other=0)
+        raw_nx = raw_nx.to(tl.uint32, bitcast=True)
+        cur = _funnel(raw, raw_nx, s)  # aligned word 0
+        raw = raw_nx
+        for w in tl.static_range(R):
+            j0 = (32 * w + R - 1) // R  # first code starting in aligned word w
+            n_w = (32 * (w + 1) + R - 1) // R - j0  # how many start there (<= P)
+            j = j0 + offs_p
+            lane = offs_p < n_w
+            sh = tl.where(lane, j * R - 32 * w, 0).to(tl.uint32)
+            code = cur[:, :, None] >> sh[None, None, :]
+            if w + 1 < R:
+                raw_nx = tl.load(q_ptr + base + w + 2, mask=m2 & (base + w + 2 < word_end), other=0)
+                raw_nx = raw_nx.to(tl.uint32, bitcast=True)
+                nxt = _funnel(raw, raw_nx, s)
+                raw = raw_nx
+                if (32 % R) != 0:  # the last code of word w runs into word w + 1: bring its bits in
+                    code = code | ((nxt << 1)[:, :, None] << (31 - sh)[None, None, :])
+                cur = nxt
+            q = _code_to_float(code & ((1 << R) - 1))
+            colj = col0[:, None] + j[None, :]  # [CHUNKS, P], within the segment
+            cmask = (colj < n_cols) & lane[None, :]
+            cols = col_start + colj
+            if GROUPED:
+                g = tl.load(gidx_ptr + cols, mask=cmask, other=0)
+                roff = rows[:, None, None] * G + g[None, :, :]
+                rm3 = rmask[:, None, None] & cmask[None, :, :]
+                mn = tl.load(rmin_ptr + roff, mask=rm3, other=-1.0).to(tl.float32)
+                mx = tl.load(rmax_ptr + roff, mask=rm3, other=1.0).to(tl.float32)
+                scale, zero = _grid(mn, mx, tl.full([BLOCK_M, CHUNKS, P], (1 << R) - 1, tl.float32))
+                wt = scale * (q - zero)
+            else:
+                wt = scale_b * (q - zero_b)
+            # lanes past the run and columns past the segment (bits of the next row, or masked
+            # words) meet x = 0, and their weights are finite
+            orig = tl.load(perm_ptr + cols, mask=cmask, other=0)
+            xv = tl.load(x_ptr + orig, mask=cmask, other=0.0).to(tl.float32)
+            acc += wt * xv[None, :, :]
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
+def _baq_gemv_chunked_kernel(
+    x_ptr,
+    out_ptr,
+    q_ptr,
+    perm_ptr,
+    rmin_ptr,
+    rmax_ptr,
+    gidx_ptr,
+    bias_ptr,
+    seg_ptr,
+    M,
+    G,
+    SPLIT,
+    MAX_R: tl.constexpr,
+    GROUPED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNKS: tl.constexpr,
+):
+    """Batch-1 GEMV that decodes whole words: out[rows] (+)= W[rows] . x for one row block and K split.
+
+    A row's R-bit codes are one contiguous bit range, so 32 consecutive codes of a row span exactly R
+    words, starting at the row's bit offset s. Each element of a [BLOCK_M, CHUNKS] tile is such a run
+    of 32 columns: its R + 1 words are loaded once and funnel-shifted by s into R aligned words. Then,
+    for each aligned word w (a loop unrolled at compile time, like the loop over R), the codes that
+    start in w are extracted along a third axis of P lanes with per-lane shifts, a code running into
+    word w + 1 taking its high bits from there. A code thus costs a few shifts and a mask instead of
+    its own bit-offset arithmetic and loads, and the kernel's size grows with sum(R), not 32 x sum(R)
+    (a fully unrolled version took minutes to compile). Weights are formed exactly as format.grid /
+    dequantize_codes do; products accumulate in fp32. Same segment table and split-K scheme as
+    :func:`_baq_gemv_kernel`, blocks of 32 * CHUNKS columns.
+    """
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    mn_row = tl.load(rmin_ptr + rows, mask=rmask & (not GROUPED), other=-1.0).to(tl.float32)
+    mx_row = tl.load(rmax_ptr + rows, mask=rmask & (not GROUPED), other=1.0).to(tl.float32)
+    args = (x_ptr, q_ptr, perm_ptr, rmin_ptr, rmax_ptr, gidx_ptr, seg_ptr, rows, rmask, mn_row, mx_row, G)
+    y = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for R in tl.static_range(1, MAX_R + 1):
+        # P = a power of two >= ceil(32 / R), as a literal (shapes must be compile-time constants)
+        if R == 1:
+            y += _chunked_segment(*args, SPLIT, pid_k, R, 32, GROUPED, BLOCK_M, CHUNKS)
+        elif R <= 3:
+            y += _chunked_segment(*args, SPLIT, pid_k, R, 16, GROUPED, BLOCK_M, CHUNKS)
+        elif R <= 7:
+            y += _chunked_segment(*args, SPLIT, pid_k, R, 8, GROUPED, BLOCK_M, CHUNKS)
+        else:
+            y += _chunked_segment(*args, SPLIT, pid_k, R, 4, GROUPED, BLOCK_M, CHUNKS)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        if ATOMIC:
+            bias = tl.where(pid_k == 0, bias, 0.0)
+        y += bias
+    if ATOMIC:
+        tl.atomic_add(out_ptr + rows, y, mask=rmask)
+    else:
+        _store_out(out_ptr + rows, y, rmask, OUT_BF16)
 
 
 @triton.jit
@@ -231,7 +404,7 @@ def _baq_dequant_kernel(
     hi = tl.load(q_ptr + word + 1, mask=m2 & ((t & 31) + R > 32), other=0).to(tl.uint32, bitcast=True)
     code = code | ((hi << 1) << (31 - sh))
     maxq = (1 << R) - 1
-    q = (code & maxq.to(tl.uint32)).to(tl.int32).to(tl.float32)
+    q = _code_to_float(code & maxq.to(tl.uint32))
     levels = tl.maximum(maxq, 1).to(tl.float32)
 
     if GROUPED:
@@ -259,7 +432,6 @@ def _baq_dequant_kernel(
 # launchers
 
 FUSED_MAX_ROWS = 16  # mirrored in baq_hf.kernels
-_SEG_FIELDS = 4
 _TILE_FIELDS = 5
 _N_SM: dict[int, int] = {}
 
@@ -269,6 +441,7 @@ class KernelMeta:
     """Per-layer launch metadata, built once per (device, packed data) so decode rebuilds nothing."""
 
     device: torch.device
+    n_rows: int
     qweight_ptr: int
     segments: tuple[fmt.Segment, ...]
     max_bits: int
@@ -276,14 +449,15 @@ class KernelMeta:
     tile_tables: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
     def seg_table(self, block_k: int) -> tuple[torch.Tensor, int]:
-        """int32 (MAX_BITS + 1) x 4 table indexed by bitwidth, and the number of column blocks."""
+        """int32 (MAX_BITS + 1) x 5 table indexed by bitwidth, and the number of column blocks."""
         if block_k not in self.seg_tables:
-            table = torch.zeros(fmt.MAX_BITS + 1, _SEG_FIELDS, dtype=torch.int32)
+            table = torch.zeros(fmt.MAX_BITS + 1, _N_SEG_FIELDS, dtype=torch.int32)
             n_blocks = 0
             for s in self.segments:
                 if s.bits == 0:
                     continue
-                table[s.bits] = torch.tensor([s.col_start, s.n_cols, s.word_start, n_blocks])
+                word_end = s.word_start + s.n_words(self.n_rows)
+                table[s.bits] = torch.tensor([s.col_start, s.n_cols, s.word_start, n_blocks, word_end])
                 n_blocks += _cdiv(s.n_cols, block_k)
             self.seg_tables[block_k] = (table.to(self.device), n_blocks)
         return self.seg_tables[block_k]
@@ -320,6 +494,7 @@ def layer_meta(layer) -> KernelMeta:
     segs_t = tuple(segs)
     meta = KernelMeta(
         device=q.device,
+        n_rows=layer.out_features,
         qweight_ptr=q.data_ptr(),
         segments=segs_t,
         max_bits=max((s.bits for s in segs_t), default=0),
@@ -346,13 +521,17 @@ def fused_linear(
     x2: torch.Tensor,
     layer,
     *,
+    impl: str = "auto",
     block_m: int | None = None,
     block_k: int | None = None,
     split: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
-    """y = x2 W^T + b (B x M, x2's dtype) with the fused kernel, for B <= 16 rows of x2 (B x N).
+    """y = x2 W^T + b (B x M, x2's dtype) with a fused kernel, for B <= 16 rows of x2 (B x N).
 
+    ``impl``: "chunked" (word-level decode, batch 1 only), "per_code" (each code read on its own,
+    tensor-core dot for B > 1), or "auto" (chunked for B = 1). ``block_k`` is the number of columns
+    per step (32 x a power of two for chunked); block sizes and warps default to untuned guesses.
     ``split`` > 1 splits K over that many programs per row block (fp32 atomics, then a cast); by
     default it is chosen so that small layers still fill the GPU.
     """
@@ -365,6 +544,10 @@ def fused_linear(
     if dtype not in _DTYPES:
         raise TypeError(f"BAQ kernels support fp16, bf16 and fp32 activations, not {dtype}")
     _check_layer(layer, x2.device)
+    if impl == "auto":
+        impl = "chunked" if n_rows == 1 else "per_code"
+    if impl not in ("chunked", "per_code") or (impl == "chunked" and n_rows > 1):
+        raise ValueError(f"impl={impl!r} for {n_rows} rows: use 'per_code', or 'chunked' for one row")
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     m = layer.out_features
@@ -375,11 +558,16 @@ def fused_linear(
     if block_m is None:
         block_m = 16 if block_b == 1 else 32
     if block_k is None:
-        block_k = 128 if block_b == 1 else 64
+        block_k = 256 if impl == "chunked" else 128 if block_b == 1 else 64
+    if num_warps is None:
+        # spill-free on sm_90 per ptxas at MAX_R = 8 (168-229 registers); not yet tuned on a GPU
+        num_warps = 8 if block_b > 1 else 4
+    if impl == "chunked" and (block_k % 32 or (block_k // 32) & (block_k // 32 - 1)):
+        raise ValueError(f"chunked block_k must be 32 x a power of two, got {block_k}")
     seg_table, n_blocks = meta.seg_table(block_k)
     n_row_blocks = _cdiv(m, block_m)
     if split is None:
-        split = max(1, min(_n_sm(x2.device) // n_row_blocks, n_blocks))
+        split = max(1, min((2 * _n_sm(x2.device)) // n_row_blocks, n_blocks))
     split = max(1, split)
     atomic = split > 1
     if atomic:
@@ -391,36 +579,50 @@ def fused_linear(
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)  # the torch path rounds the bias to the activation dtype too
     grouped = layer.group_index is not None
-    q = layer.qweight if layer.qweight.numel() else layer.perm  # never read when empty
-    dot_precision = "ieee" if dtype == torch.float32 else "tf32"
-    _baq_gemv_kernel[(n_row_blocks, split)](
-        x2,
+    common = (
         out.view(torch.int16) if out_bf16 else out,
-        q,
+        layer.qweight if layer.qweight.numel() else layer.perm,  # never read when empty
         layer.perm,
         layer.range_min,
         layer.range_max,
         layer.group_index if grouped else layer.perm,
         bias if bias is not None else layer.perm,
         seg_table,
-        n_rows,
-        m,
-        layer.range_min.shape[1],
-        x2.stride(0),
-        out.stride(0),
-        split,
-        MAX_R=meta.max_bits,
-        GROUPED=grouped,
-        HAS_BIAS=bias is not None,
-        ATOMIC=atomic,
-        OUT_BF16=out_bf16,
-        DOT_FP16=dtype == torch.float16,
-        DOT_PRECISION=dot_precision,
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        BLOCK_B=block_b,
-        num_warps=num_warps,
     )
+    flags = dict(
+        MAX_R=meta.max_bits, GROUPED=grouped, HAS_BIAS=bias is not None, ATOMIC=atomic, OUT_BF16=out_bf16
+    )
+    grid = (n_row_blocks, split)
+    if impl == "chunked":
+        _baq_gemv_chunked_kernel[grid](
+            x2,
+            *common,
+            m,
+            layer.range_min.shape[1],
+            split,
+            **flags,
+            BLOCK_M=block_m,
+            CHUNKS=block_k // 32,
+            num_warps=num_warps,
+        )
+    else:
+        _baq_gemv_kernel[grid](
+            x2,
+            *common,
+            n_rows,
+            m,
+            layer.range_min.shape[1],
+            x2.stride(0),
+            out.stride(0),
+            split,
+            **flags,
+            DOT_FP16=dtype == torch.float16,
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            BLOCK_M=block_m,
+            BLOCK_K=block_k,
+            BLOCK_B=block_b,
+            num_warps=num_warps,
+        )
     return out.to(dtype) if atomic and dtype != torch.float32 else out
 
 
