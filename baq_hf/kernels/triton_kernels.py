@@ -1,20 +1,25 @@
-"""Triton kernels for BaqLinear: a fused mixed-bit GEMV / skinny GEMM and an exact dequantizer.
+"""Triton kernels for BaqLinear: fused mixed-bit GEMVs / skinny GEMM and an exact dequantizer.
 
 This module imports triton at import time; :mod:`baq_hf.kernels` imports it lazily, so that machines
 without triton (or without a GPU) can use the rest of the package.
 
-Both kernels read the BAQ storage format of :mod:`baq_hf.format` directly: for every bitwidth segment
-(stored columns ``col_start .. col_start + n_cols``) code (i, k) sits at bit ``(i * n_cols + k) * R`` of a
-little-endian int32 bitstream that starts at word ``word_start``. A code may straddle two words, so widths
-that do not divide 32 read both words and combine them with two shifts.
+All kernels read the BAQ storage format of :mod:`baq_hf.format` directly: for every bitwidth segment
+(stored columns ``col_start .. col_start + n_cols``) code (i, k) sits at bit ``(i * n_cols + k) * R``
+of a little-endian int32 bitstream that starts at word ``word_start``; a code may straddle two words.
+
+- ``_baq_gemv_chunked_kernel`` (batch 1): decodes 32-code runs from whole words.
+- ``_baq_gemv_kernel`` (1-16 rows): extracts each code on its own, tensor-core dot for > 1 row.
+- ``_baq_dequant_kernel``: the dense weight, in original or storage column order.
 
 Exactness: the grid is evaluated with exactly the fp32 operations of :func:`baq_hf.format.grid`, with
 correctly rounded divisions (``tl.math.div_rn``; Triton's ``/`` on fp32 is an approximate division on
-NVIDIA GPUs) and ``floor(x + 0.5)``, so every dequantized weight equals the torch reference bit for bit.
+NVIDIA GPUs) and ``floor(x + 0.5)``, so every dequantized weight equals the torch reference bit for
+bit. Products with x accumulate in fp32; only the multi-row dot rounds weights first (to fp16 for
+fp16 activations, as the torch path's ``W.to(fp16)`` does; tf32 for bf16).
 
-No arithmetic is done in fp16/bf16: activations and ranges are widened to fp32 on load. Outputs in bf16
-are rounded to nearest-even by hand and stored through an int16 view, because the Triton interpreter
-(used by the CPU tests) truncates fp32 -> bf16 casts and cannot run bf16 dots.
+Activations and ranges are widened to fp32 on load. Outputs in bf16 are rounded to nearest-even by
+hand and stored through an int16 view, because the Triton interpreter (used by the CPU tests)
+truncates fp32 -> bf16 casts and cannot run bf16 dots.
 """
 
 from __future__ import annotations
@@ -444,6 +449,7 @@ class KernelMeta:
     n_rows: int
     qweight_ptr: int
     segments: tuple[fmt.Segment, ...]
+    segments_list: list[fmt.Segment]  # the layer's own list: an identity check on the decode path
     max_bits: int
     seg_tables: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     tile_tables: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
@@ -488,7 +494,7 @@ def layer_meta(layer) -> KernelMeta:
         meta is not None
         and meta.device == q.device
         and meta.qweight_ptr == q.data_ptr()
-        and (meta.segments is segs or meta.segments == tuple(segs))
+        and (meta.segments_list is segs or meta.segments == tuple(segs))
     ):
         return meta
     segs_t = tuple(segs)
@@ -497,6 +503,7 @@ def layer_meta(layer) -> KernelMeta:
         n_rows=layer.out_features,
         qweight_ptr=q.data_ptr(),
         segments=segs_t,
+        segments_list=segs,
         max_bits=max((s.bits for s in segs_t), default=0),
     )
     layer._baq_kernel_meta = meta
