@@ -2,7 +2,8 @@
 
 Exit codes scripts can rely on: 0 success, 2 usage error (argparse), 1 a handled error (bad input,
 missing file, invalid setting: one ``error: ...`` line on stderr, no traceback), 130 interrupted.
-Heavy imports (torch, transformers) happen inside the commands so that ``--help`` answers at once.
+Models, tokenizers and plots are loaded inside the commands, and every setting is checked against
+the model's shapes before the slow steps (evaluation, calibration) start.
 """
 
 from __future__ import annotations
