@@ -29,13 +29,13 @@ def main() -> None:
 
     generator = pipeline("text-generation", model=args.folder, device_map="auto")
     messages = [{"role": "user", "content": "Name three colours."}]
-    result = generator(messages, max_new_tokens=30, do_sample=False)
+    result = generator(messages, max_new_tokens=16, do_sample=False)
     print("BAQ:", result[0]["generated_text"][-1]["content"])
 
     # model.dequantize() replaces every BaqLinear with an nn.Linear holding the same weights
     generator.model.dequantize()
     assert not any(isinstance(m, baq_hf.BaqLinear) for m in generator.model.modules())
-    result = generator(messages, max_new_tokens=30, do_sample=False)
+    result = generator(messages, max_new_tokens=16, do_sample=False)
     print("dequantized (same weights, plain nn.Linear):", result[0]["generated_text"][-1]["content"])
 
 
