@@ -1,0 +1,176 @@
+"""Perplexity of SmolLM2-135M: fp vs uniform GPTQ vs BAQ at several bits, per-row and grouped ranges.
+
+Protocol (the reference one from the issue): C4 calibration windows (seeded) of --seqlen tokens from
+the calibration text disjoint from C4 eval; damp 0.01; KV cache off; perplexity on the first
+--eval-windows non-overlapping windows of --seqlen tokens of WikiText-2, PTB and C4.
+
+Results are appended to docs/results/quality.json as each run finishes, and docs/results/quality.md is
+regenerated from that file, so an interrupted run keeps what it measured.
+
+    python benchmarks/quality.py                 # the full default grid
+    python benchmarks/quality.py --only u4 b4    # selected runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import baq_hf  # noqa: F401  (registers the quantizer)
+from baq_hf import BaqConfig, BaqLinear
+from baq_hf.calibration import quantize_model
+from baq_hf.data import calibration_text_path, calibration_windows, resolve_eval_text
+from baq_hf.eval import perplexity
+from baq_hf.models import smollm2_path
+
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+
+# name -> BaqConfig fields
+RUNS: dict[str, dict] = {
+    "u4": dict(bits=4, allocation="uniform"),
+    "b4": dict(bits=4, allocation="baq"),
+    "u3": dict(bits=3, allocation="uniform"),
+    "b3": dict(bits=3, allocation="baq"),
+    "u2g": dict(bits=2, allocation="uniform", group_size=128),
+    "b2g": dict(bits=2, allocation="baq", group_size=128),
+    "b2.5g": dict(bits=2.5, allocation="baq", group_size=128),
+    "u3g": dict(bits=3, allocation="uniform", group_size=128),
+    "b3g": dict(bits=3, allocation="baq", group_size=128),
+    "u2": dict(bits=2, allocation="uniform"),
+    "b2": dict(bits=2, allocation="baq"),
+    "b2.5": dict(bits=2.5, allocation="baq"),
+    "u2ga": dict(bits=2, allocation="uniform", group_size=128, act_order=True),
+    "b2ga": dict(bits=2, allocation="baq", group_size=128, act_order=True),
+    "p3": dict(bits=3, allocation="paper"),
+    "m3": dict(bits=3, allocation="measured"),
+    "p2g": dict(bits=2, allocation="paper", group_size=128),
+    "m2g": dict(bits=2, allocation="measured", group_size=128),
+}
+DATASETS = ("wikitext2", "ptb", "c4")
+
+
+def evaluate_all(model, tokenizer, seqlen: int, windows: int) -> dict[str, float]:
+    texts = {name: resolve_eval_text(name) for name in DATASETS}
+    return {
+        name: perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=windows, progress=False).ppl
+        for name, text in texts.items()
+    }
+
+
+def dense_copy(model):
+    """The same model with every BaqLinear replaced by nn.Linear holding its exact dequantized weight
+    (identical outputs, but no per-forward unpacking: evaluation on CPU is several times faster)."""
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, BaqLinear):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.data.copy_(module.dequantize(torch.float32))
+            if module.bias is not None:
+                linear.bias.data.copy_(module.bias.float())
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent), child, linear)
+    return dense
+
+
+def layer_totals(model) -> dict[str, float]:
+    layers = [m for m in model.modules() if isinstance(m, BaqLinear)]
+    weights = sum(m.in_features * m.out_features for m in layers)
+    code = sum(m.code_bits * m.in_features * m.out_features for m in layers) / weights
+    eff = sum(8 * m.storage_bytes() for m in layers) / weights
+    return {"code_bits": code, "effective_bits": eff}
+
+
+def write_markdown(records: list[dict], meta: dict) -> None:
+    lines = [
+        "# Quality: SmolLM2-135M-Instruct, fp vs uniform GPTQ vs BAQ",
+        "",
+        f"Machine: {meta['machine']}. Command: `{meta['command']}`.",
+        f"Protocol: {meta['protocol']}.",
+        "",
+        "Caveat: SmolLM2-135M's weights come from a Q4_1 GGUF (each block of 32 input weights has at most 16 "
+        "levels), so 4-bit results here are optimistic for any method; per-row and group-128 ranges at "
+        "2-3 bits are the informative regime.",
+        "",
+        "| run | allocation | group | act_order | code bits | effective bits | WikiText-2 | PTB | C4 | "
+        "quant. time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        c = r["config"]
+        ppl = r["ppl"]
+        lines.append(
+            f"| {r['name']} | {c.get('allocation', 'fp')} | {c.get('group_size', '-')} | "
+            f"{c.get('act_order', '-')} | {r.get('code_bits', 16):.3f} | {r.get('effective_bits', 16):.3f} | "
+            f"{ppl['wikitext2']:.2f} | {ppl['ptb']:.2f} | {ppl['c4']:.2f} | {r.get('seconds', 0):.0f} |"
+        )
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="*", default=list(RUNS), help=f"runs to do, from {list(RUNS)}")
+    parser.add_argument("--num-samples", type=int, default=16, help="calibration windows")
+    parser.add_argument("--seqlen", type=int, default=512, help="calibration and evaluation window length")
+    parser.add_argument("--eval-windows", type=int, default=12, help="first N evaluation windows per dataset")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fresh", action="store_true", help="discard earlier results in quality.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_json = RESULTS / "quality.json"
+    saved = {} if args.fresh or not out_json.exists() else json.loads(out_json.read_text())
+    meta = {
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": "python benchmarks/quality.py " + " ".join(f"--only {' '.join(args.only)}".split()),
+        "protocol": (
+            f"{args.num_samples} C4 calibration windows of {args.seqlen} tokens (seed 0), damp 0.01, "
+            f"first {args.eval_windows} windows of {args.seqlen} tokens of each eval set, fp32 on CPU"
+        ),
+    }
+    records: dict[str, dict] = saved.get("records", {})
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    windows = calibration_windows(str(calibration_text_path()), tokenizer, args.num_samples, args.seqlen, 0)
+    if "fp" not in records:
+        records["fp"] = {
+            "name": "fp",
+            "config": {},
+            "ppl": evaluate_all(base, tokenizer, args.seqlen, args.eval_windows),
+        }
+    for name in args.only:
+        fields = RUNS[name]
+        config = BaqConfig(num_samples=args.num_samples, seqlen=args.seqlen, **fields)
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        report = quantize_model(model, windows, config, progress=False)
+        seconds = time.perf_counter() - start
+        ppl = evaluate_all(dense_copy(model), tokenizer, args.seqlen, args.eval_windows)
+        stats = report["layers"].values()
+        records[name] = {
+            "name": name,
+            "config": fields,
+            "ppl": ppl,
+            "seconds": seconds,
+            "mean_ratio_c": sum(s["ratio_c"] for s in stats) / len(stats),
+            "mean_ratio_l_model": sum(s["ratio_l_model"] for s in stats) / len(stats),
+            **layer_totals(model),
+        }
+        print(name, json.dumps(records[name]), flush=True)
+        out_json.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        write_markdown(list(records.values()), meta)
+    out_json.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    write_markdown(list(records.values()), meta)
+
+
+if __name__ == "__main__":
+    main()
