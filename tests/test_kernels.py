@@ -252,12 +252,13 @@ def test_fused_strided_input() -> None:
 @pytest.mark.parametrize(
     ("shape", "dtype"),
     [
-        ((2, 3), torch.float16),  # 6 rows: fused
-        ((16,), torch.bfloat16),  # the threshold itself: fused
-        ((3, 7), torch.bfloat16),  # 21 rows: dequantize + matmul
+        ((1, 1), torch.float16),  # one row: fused GEMV
+        ((1,), torch.bfloat16),
+        ((2, 3), torch.float16),  # 6 rows: dequantize + matmul
+        ((3, 7), torch.bfloat16),
         ((17,), torch.float32),
     ],
-    ids=["6rows", "16rows", "21rows", "17rows"],
+    ids=["1row", "1row-bf16", "6rows", "21rows", "17rows"],
 )
 def test_baq_linear_forward(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     lay = layer("grouped")

@@ -14,10 +14,13 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FUSED_MAX_ROWS", "baq_linear_forward", "dequantize_triton"]
+__all__ = ["FUSED_FORWARD_ROWS", "baq_linear_forward", "dequantize_triton"]
 
-# Up to this many rows of x (decode, small batches) use the fused GEMV; above, dequantize + matmul.
-FUSED_MAX_ROWS = 16
+# Up to this many rows of x, forward uses the fused GEMV; above, dequantize + matmul. Measured on an
+# H100 (docs/results/kernels.md): at one row the word-level GEMV beats dequantize + matmul on the
+# Llama-2-7B shapes (39 vs 56 us at 2 bits, 4096x4096), but at 8 rows the per-code kernel is 4-5x
+# slower than dequantize + matmul (251 vs 56 us), so batches of 2-16 rows take the dequantize path.
+FUSED_FORWARD_ROWS = 1
 
 
 def _kernels(device: torch.device) -> ModuleType:
@@ -38,7 +41,7 @@ def _kernels(device: torch.device) -> ModuleType:
 
 
 def baq_linear_forward(x: torch.Tensor, layer) -> torch.Tensor:
-    """``layer(x)`` for a :class:`baq_hf.linear.BaqLinear`: fused GEMV for <= 16 rows, else dequant + matmul.
+    """``layer(x)`` for a :class:`baq_hf.linear.BaqLinear`: fused GEMV for one row, else dequant + matmul.
 
     Returns a tensor of x's dtype and shape (last dimension ``out_features``). Inference only: no autograd.
     """
@@ -48,7 +51,7 @@ def baq_linear_forward(x: torch.Tensor, layer) -> torch.Tensor:
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {n}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n)
-    if x2.shape[0] <= FUSED_MAX_ROWS:
+    if x2.shape[0] <= FUSED_FORWARD_ROWS:
         y = tk.fused_linear(x2, layer)
     else:
         # columns in storage order: coalesced stores in the dequantizer, x permuted once instead

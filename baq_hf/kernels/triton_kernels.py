@@ -436,7 +436,7 @@ def _baq_dequant_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers
 
-FUSED_MAX_ROWS = 16  # mirrored in baq_hf.kernels
+FUSED_MAX_ROWS = 16  # the most rows the fused kernels take (BLOCK_B)
 _TILE_FIELDS = 5
 _N_SM: dict[int, int] = {}
 
