@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import ALLOCATIONS
 
     d = _config_defaults()
+
+    def setting(group: Any, field: str, type_: Any, metavar: str, help_text: str) -> None:
+        """A flag for BaqConfig.<field>: named after the field, with BaqConfig's default."""
+        flag = "--" + field.replace("_", "-")
+        group.add_argument(flag, type=type_, metavar=metavar, default=d[field], help=help_text)
+
     sets = ", ".join(EVAL_SETS)
     parser = argparse.ArgumentParser(
         prog="baq-hf",
@@ -108,41 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="folder to save the quantized model to")
     q.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty folder")
     g = q.add_argument_group("quantization")
-    g.add_argument(
-        "--bits",
-        type=float,
-        metavar="B",
-        default=d["bits"],
-        help="target mean code bits per weight (e.g. 2.25)",
-    )
+    setting(g, "bits", float, "B", "target mean code bits per weight (e.g. 2.25)")
     g.add_argument(
         "--allocation",
         choices=ALLOCATIONS,
         default=d["allocation"],
         help="baq: exact optimum; paper: Alg. 1-2 as written; measured: from a uniform pass; uniform: GPTQ",
     )
-    g.add_argument(
-        "--group-size", type=int, metavar="N", default=d["group_size"], help="columns per range; -1 = per row"
-    )
+    setting(g, "group_size", int, "N", "columns per range; -1 = per row")
     g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
     g.add_argument("--sym", action="store_true", help="symmetric ranges (default: asymmetric)")
-    g.add_argument(
-        "--min-bits",
-        type=int,
-        metavar="N",
-        default=d["min_bits"],
-        help="smallest column bitwidth (0 drops a column)",
-    )
-    g.add_argument(
-        "--max-bits", type=int, metavar="N", default=d["max_bits"], help="largest column bitwidth (<= 15)"
-    )
-    g.add_argument(
-        "--damp-percent",
-        type=float,
-        metavar="F",
-        default=d["damp_percent"],
-        help="Hessian damping as a fraction of mean(diag H)",
-    )
+    setting(g, "min_bits", int, "N", "smallest column bitwidth (0 drops a column)")
+    setting(g, "max_bits", int, "N", "largest column bitwidth (<= 15)")
+    setting(g, "damp_percent", float, "F", "Hessian damping as a fraction of mean(diag H)")
     g.add_argument(
         "--compare-uniform",
         action="store_true",
@@ -161,15 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration text (.txt, or .jsonl with a 'text' field); default: the C4 sample shipped "
         "with baq_hf",
     )
-    c.add_argument(
-        "--num-samples", type=_positive_int, metavar="N", default=d["num_samples"], help="calibration windows"
-    )
-    c.add_argument(
-        "--seqlen", type=_positive_int, metavar="N", default=d["seqlen"], help="tokens per calibration window"
-    )
-    c.add_argument(
-        "--seed", type=int, metavar="N", default=d["seed"], help="seed of the calibration window sampling"
-    )
+    setting(c, "num_samples", _positive_int, "N", "calibration windows")
+    setting(c, "seqlen", _positive_int, "N", "tokens per calibration window")
+    setting(c, "seed", int, "N", "seed of the calibration window sampling")
     e = q.add_argument_group("evaluation")
     e.add_argument(
         "--eval",

@@ -16,10 +16,11 @@ VOCAB = 128
 SEQLEN = 32
 
 
-def tiny_model(arch: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if arch == "llama":
-        cfg = LlamaConfig(
+TINY = {
+    "llama": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
             hidden_size=64,
             intermediate_size=96,
             num_hidden_layers=2,
@@ -27,10 +28,12 @@ def tiny_model(arch: str) -> torch.nn.Module:
             num_key_value_heads=2,
             vocab_size=VOCAB,
             max_position_embeddings=128,
-        )
-        return LlamaForCausalLM(cfg).eval()
-    if arch == "opt":
-        cfg = OPTConfig(
+        ),
+    ),
+    "opt": (
+        OPTConfig,
+        OPTForCausalLM,
+        dict(
             hidden_size=64,
             ffn_dim=128,
             num_hidden_layers=2,
@@ -38,12 +41,23 @@ def tiny_model(arch: str) -> torch.nn.Module:
             vocab_size=VOCAB,
             max_position_embeddings=128,
             word_embed_proj_dim=64,
-        )
-        return OPTForCausalLM(cfg).eval()
-    if arch == "gpt2":
-        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128)
-        return GPT2LMHeadModel(cfg).eval()
-    raise ValueError(arch)
+        ),
+    ),
+    "gpt2": (
+        GPT2Config,
+        GPT2LMHeadModel,
+        dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128),
+    ),
+}
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random ``arch`` model in eval mode; ``overrides`` replace config fields (odd sizes, a vocab)."""
+    if arch not in TINY:
+        raise ValueError(arch)
+    config_class, model_class, fields = TINY[arch]
+    torch.manual_seed(seed)
+    return model_class(config_class(**{**fields, **overrides})).eval()
 
 
 def calibration_ids(n: int = 8, seqlen: int = SEQLEN, seed: int = 0) -> list[list[int]]:
@@ -60,3 +74,16 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
         tiny_model(arch).save_pretrained(path)
         out[arch] = str(path)
     return out
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models run faster on one thread: OpenMP's spin-waits dominate 64-wide matmuls, badly so
+    when other processes share the cores (20 s instead of 1 s per quantization seen on 2 cores).
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

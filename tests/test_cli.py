@@ -22,15 +22,7 @@ from baq_hf import BaqLinear, cli, data
 
 from .conftest import VOCAB, tiny_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread: OpenMP's spin-waits dominate 64-wide matmuls, badly so
-    when other processes share the cores (20 s instead of 1 s per quantization seen on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_tokenizer(vocab_size: int = VOCAB):

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from baq_hf import data, models
 from baq_hf import eval as baq_eval
 
+from .conftest import tiny_model
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -45,26 +47,9 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_llama(vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return tiny_llama(len(tokenizer))
+    return tiny_model("llama", vocab_size=len(tokenizer))
 
 
 SAMPLE = (
@@ -279,7 +264,7 @@ def test_perplexity_matches_hand_computation(model, tokenizer):
 
 
 def test_perplexity_uniform_model_is_vocab_size(tokenizer):
-    m = tiny_llama(len(tokenizer), seed=1)
+    m = tiny_model("llama", vocab_size=len(tokenizer))
     with torch.no_grad():
         m.lm_head.weight.zero_()  # every logit 0: the uniform distribution
     result = baq_eval.perplexity(m, tokenizer, SAMPLE, seqlen=32, progress=False)
@@ -293,7 +278,7 @@ def test_perplexity_errors(model, tokenizer):
         baq_eval.perplexity(model, tokenizer, SAMPLE, seqlen=1, progress=False)
     with pytest.raises(ValueError, match="max_windows"):
         baq_eval.perplexity(model, tokenizer, SAMPLE, seqlen=16, max_windows=0, progress=False)
-    broken = tiny_llama(len(tokenizer), seed=2)
+    broken = tiny_model("llama", vocab_size=len(tokenizer))
     with torch.no_grad():
         broken.model.norm.weight[0] = float("nan")
     with pytest.raises(FloatingPointError, match="Window 0"):

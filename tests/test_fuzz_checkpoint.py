@@ -30,11 +30,13 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from baq_hf import BaqConfig, BaqLinear  # noqa: E402
 from baq_hf import format as fmt  # noqa: E402
 from baq_hf.calibration import quantize_model  # noqa: E402
+
+from .conftest import tiny_model  # noqa: E402
 
 CLEAN_ERRORS = (ValueError, RuntimeError, OSError, SafetensorError)
 DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"]
@@ -51,29 +53,20 @@ except ImportError:  # pragma: no cover - triton is a dependency on Linux
     KERNELS = False
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine are ~30x faster without OpenMP thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def odd_llama() -> torch.nn.Module:
     """One block, in_features 40 (not a multiple of 32) and 45 (odd), with biases in attention."""
-    torch.manual_seed(1)
-    cfg = LlamaConfig(
+    return tiny_model(
+        "llama",
+        seed=1,
         hidden_size=40,
         intermediate_size=45,
         num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=64,
-        max_position_embeddings=64,
         attention_bias=True,
     )
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import baq_hf.checkpoint as ckpt
 from baq_hf import BaqConfig, BaqLinear, calibration
@@ -25,13 +25,7 @@ from .conftest import VOCAB, calibration_ids, tiny_model
 Q = "model.layers.0.self_attn.q_proj"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine are ~30x faster without OpenMP thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def windows(n: int = 8, seed: int = 0) -> torch.Tensor:
@@ -262,27 +256,19 @@ def test_half_precision_models_quantize_and_reload_exactly(tiny_checkpoints, tmp
     assert reloaded.model.norm.weight.dtype == dtype
 
 
-def odd_llama(hidden: int, intermediate: int, heads: int, kv_heads: int) -> nn.Module:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize(
     ("hidden", "intermediate", "heads", "kv_heads", "group_size"),
     [(40, 45, 4, 2, -1), (40, 45, 4, 2, 5), (36, 52, 2, 1, 4)],
     ids=["40x45", "40x45-g5", "36x52-g4"],
 )
 def test_in_features_not_a_multiple_of_8_or_32(tmp_path, hidden, intermediate, heads, kv_heads, group_size):
-    model = odd_llama(hidden, intermediate, heads, kv_heads)
+    model = tiny_model(
+        "llama",
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+    )
     quantize(model, group_size=group_size, act_order=True)
     sizes = {m.in_features for m in model.modules() if isinstance(m, BaqLinear)}
     assert sizes == {hidden, intermediate}

@@ -37,14 +37,7 @@ OUTSIDE = {
 BLOCKS = {"llama": "model.layers", "opt": "model.decoder.layers"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread: OpenMP's spin-waits dominate 64-wide matmuls, badly so
-    when other processes share the cores (20 s instead of 1 s per quantization seen on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def offload_map(arch: str, where: str = "disk") -> dict[str, str]:
@@ -117,7 +110,7 @@ def test_text_generation_pipeline(saved, tokenizer):
 
 @pytest.mark.parametrize("device_map", [{"": "cpu"}, "auto"])
 def test_device_map(saved, device_map):
-    """"auto" puts the tiny model on the GPU when there is one (Triton kernels), else on the CPU."""
+    """ "auto" puts the tiny model on the GPU when there is one (Triton kernels), else on the CPU."""
     model, folder = saved["llama"]
     loaded = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map)
     on_gpu = device_map == "auto" and torch.cuda.is_available()
