@@ -31,7 +31,8 @@ class BaqConfig(QuantizationConfigMixin):
         block_size: GPTQ lazy-update block width.
         dataset: calibration data: None (the shipped C4 sample), a path to a .txt/.jsonl file, a list of
             strings, or pre-tokenized ids (list of lists of ints).
-        tokenizer: a tokenizer object or a name/path, needed for text calibration data.
+        tokenizer: a tokenizer object or a name/path, needed for text calibration data; None loads the
+            model's own tokenizer when the data is text.
         num_samples / seqlen / seed: number, length and sampling seed of calibration windows.
         modules_to_not_convert: module names (or name suffixes) left in full precision; lm_head and
             the embeddings are never quantized.
@@ -146,6 +147,15 @@ class BaqConfig(QuantizationConfigMixin):
         dataset_ok = isinstance(self.dataset, (str, Path, list, tuple)) or hasattr(self.dataset, "shape")
         if self.dataset is not None and not dataset_ok:
             fail("dataset", "give a path to a .txt/.jsonl file, a list of strings, or token ids")
+        tokenizer_ok = isinstance(self.tokenizer, str) or (
+            callable(self.tokenizer) and hasattr(self.tokenizer, "encode")
+        )
+        if self.tokenizer is not None and not tokenizer_ok:
+            fail(
+                "tokenizer",
+                "give None (loaded from the model folder), a tokenizer name or folder path (str), or a "
+                "tokenizer object such as AutoTokenizer.from_pretrained(...) (callable, with .encode)",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Serializable settings; calibration data and tokenizer objects are not stored in config.json."""

@@ -112,6 +112,8 @@ BAD_CONFIGS = [
     ("modules_to_not_convert", "lm_head", {}, "give a list of module names"),
     ("modules_to_not_convert", [1], {}, "give a list of module names"),
     ("dataset", 42, {}, "give a path to a .txt/.jsonl file, a list of strings, or token ids"),
+    ("tokenizer", 42, {}, "a tokenizer name or folder path (str), or a tokenizer object such as"),
+    ("tokenizer", ["gpt2"], {}, "AutoTokenizer.from_pretrained(...) (callable, with .encode)"),
 ]
 
 
@@ -131,12 +133,6 @@ def test_invalid_config_value_names_field_value_and_fix(field, value, others, fi
 def test_unknown_config_field_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['bitz'\]; valid fields are \[.*'bits'"):
         BaqConfig(bitz=3)
-
-
-@pytest.mark.xfail(reason="gap in config.py: tokenizer objects are not type-checked (TypeError later)")
-def test_tokenizer_of_wrong_type_is_rejected_up_front():
-    with pytest.raises(ValueError, match=r"BaqConfig\.tokenizer=42"):
-        BaqConfig(tokenizer=42)
 
 
 def test_group_size_not_dividing_in_features_fails_at_plan_time(monkeypatch):
