@@ -11,6 +11,9 @@ from torch import nn
 from . import format as fmt
 
 FORCE_TORCH_ENV = "BAQ_HF_FORCE_TORCH"
+# Buffers that define the format's exact quantization grid (stored as float16): they follow device moves
+# but never dtype casts.
+FIXED_DTYPE_BUFFERS = ("range_min", "range_max")
 
 
 class BaqLinear(nn.Module):
@@ -90,6 +93,20 @@ class BaqLinear(nn.Module):
         """Rebuild the derived per-column bitwidths and segments from the loaded header."""
         self._stored_bits = fmt.unpack_header(self.bits_header.cpu(), self.in_features)
         self._segments = fmt.segments_from_bits(self._stored_bits, self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply, except that the range buffers keep their dtype (float16 in the format).
+
+        ``model.to(torch.bfloat16)``, ``.half()`` or ``.float()`` would otherwise round them and change
+        every dequantized weight; device moves still apply to them, and the bias follows the cast.
+        """
+        before = {name: self._buffers[name] for name in FIXED_DTYPE_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
 
     @property
     def qweight(self) -> torch.Tensor:

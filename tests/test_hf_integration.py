@@ -91,6 +91,28 @@ def test_generate_and_dequantize(quantized):
     assert torch.allclose(reloaded(ids).logits, before, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_dtype_casts_keep_the_fp16_ranges_and_the_exact_weights(quantized, arch):
+    """model.to(bfloat16) casts the bias (OPT has some) but not range_min/range_max, which define the grid."""
+    _, saved = quantized[arch]
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, BaqLinear)}
+    exact = {name: m.dequantize() for name, m in layers.items()}
+    assert (arch == "opt") == any(m.bias is not None for m in layers.values())
+    for dtype in (torch.bfloat16, torch.float32):
+        model.to(dtype)
+        for name, layer in layers.items():
+            assert layer.range_min.dtype == layer.range_max.dtype == torch.float16, name
+            assert layer.bias is None or layer.bias.dtype == dtype, name
+            assert torch.equal(layer.dequantize(), exact[name]), name
+            layer.validate(name)
+    model.to(torch.bfloat16)
+    ids = torch.tensor(calibration_ids(1, seqlen=8, seed=8))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
 def test_loading_without_import_fails_loudly(quantized):
     _, saved = quantized["llama"]
     code = f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({saved!r})\n"
