@@ -20,7 +20,8 @@ class BaqLinear(nn.Module):
     """y = x W^T + b with W dequantized from packed per-column-bitwidth codes.
 
     All quantized data are buffers, so ``state_dict``/safetensors carry them and nothing is pickled.
-    Derived, non-persistent views (per-column bitwidths, segments) are rebuilt by :meth:`post_init`.
+    Derived, non-persistent views (per-column bitwidths, segments) are rebuilt by :meth:`post_init`, and
+    again on first use after ``load_state_dict``.
     """
 
     def __init__(
@@ -93,6 +94,12 @@ class BaqLinear(nn.Module):
         """Rebuild the derived per-column bitwidths and segments from the loaded header."""
         self._stored_bits = fmt.unpack_header(self.bits_header.cpu(), self.in_features)
         self._segments = fmt.segments_from_bits(self._stored_bits, self.out_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # a new bits_header makes the derived bitwidths and segments stale: rebuild them on next use
+        self._stored_bits = None
+        self._segments = None
 
     def _apply(self, fn, recurse=True):
         """nn.Module._apply, except that the range buffers keep their dtype (float16 in the format).

@@ -113,6 +113,27 @@ def test_dtype_casts_keep_the_fp16_ranges_and_the_exact_weights(quantized, arch)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
 
 
+def test_load_state_dict_rebuilds_what_the_header_defines(quantized):
+    """A layer whose bitwidths were already derived (here by repr) takes those of the loaded bits_header."""
+    model, _ = quantized["llama"]
+    source = model.model.layers[0].mlp.down_proj
+    layer = BaqLinear(
+        source.in_features,
+        source.out_features,
+        bias=False,
+        n_words=source.weight.numel(),
+        group_size=source.group_size,
+    )
+    repr(layer)  # caches the bitwidths of the empty layer's all-zero header
+    layer.load_state_dict(source.state_dict())
+    assert torch.equal(layer.stored_bits, source.stored_bits)
+    assert layer.segments == source.segments
+    assert layer.code_bits == source.code_bits
+    assert torch.equal(layer.dequantize(), source.dequantize())
+    x = torch.randn(2, source.in_features)
+    assert torch.equal(layer(x), source(x))
+
+
 def test_loading_without_import_fails_loudly(quantized):
     _, saved = quantized["llama"]
     code = f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({saved!r})\n"
