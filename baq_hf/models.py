@@ -6,7 +6,8 @@ safetensors checkpoint in a cache folder, so every later load is an ordinary ``f
 
 Caveat for any quality number measured with it: its weights are Q4_1 values (each block of 32
 input weights has at most 16 levels), so 4-bit quantization with groups of 32 is nearly lossless
-on it and says nothing; per-channel or group-128 ranges at 2-3 bits are the meaningful regime.
+on it and says nothing; per-channel or group-64 ranges (128 does not divide its width 576) at 2-3
+bits are the meaningful regime.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Quantize a model with BAQ, compare its perplexity with the float model, save it with a model card.
 
     python examples/quantize_and_evaluate.py               # SmolLM2-135M at 2.25 bits
-    python examples/quantize_and_evaluate.py --bits 3 --model path/to/model --group-size 128
+    python examples/quantize_and_evaluate.py --bits 3 --model path/to/model --group-size 64
 
 Defaults are small (32 calibration windows of 512 tokens, 4 evaluation windows) so that it finishes
 quickly; the GPTQ protocol uses 128 x 2048 calibration tokens and the whole evaluation text.

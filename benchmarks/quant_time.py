@@ -1,0 +1,121 @@
+"""Quantization time of BAQ vs uniform GPTQ on SmolLM2-135M, measured side by side in one process.
+
+The allocations are run interleaved (uniform, baq, measured, uniform, baq, measured, ...) on copies of
+the same model with the same calibration windows, so a busy machine slows them alike; per run it
+records the wall time of the whole layer-by-layer quantization (block forwards, Hessians, solver,
+packing) and the solver's own time (the sum of the per-layer `seconds` in the report). BAQ's extra
+work is the sensitivity computation and the allocation; "measured" solves every layer twice.
+
+    python benchmarks/quant_time.py                       # 3 bits per row, 2 bits group 64
+    python benchmarks/quant_time.py --repeats 3 --num-samples 16
+
+Results: docs/results/quant_time.json and quant_time.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from baq_hf import BaqConfig
+from baq_hf.calibration import quantize_model
+from baq_hf.data import calibration_text_path, calibration_windows
+from baq_hf.models import smollm2_path
+
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+SETTINGS = {"3 bits, per row": dict(bits=3), "2 bits, group 64": dict(bits=2, group_size=64)}
+ALLOCATIONS = ("uniform", "baq", "measured")
+
+
+def time_one(base, windows, config: BaqConfig) -> dict[str, float]:
+    model = copy.deepcopy(base)
+    start = time.perf_counter()
+    report = quantize_model(model, windows, config, progress=False)
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "solver_s": sum(s["seconds"] for s in report["layers"].values())}
+
+
+def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
+    lines = [
+        "# Quantization time: BAQ vs uniform GPTQ (SmolLM2-135M)",
+        "",
+        f"Machine: {meta['machine']}. Command: `{meta['command']}`.",
+        f"Protocol: {meta['protocol']}. Runs interleaved; medians of {meta['repeats']} runs each.",
+        "",
+        "| setting | allocation | wall s (median) | solver s (median) | wall / uniform | solver / uniform |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['setting']} | {r['allocation']} | {r['wall_s']:.1f} | {r['solver_s']:.1f} | "
+            f"{r['wall_ratio']:.3f}x | {r['solver_ratio']:.3f}x |"
+        )
+    lines += ["", f"Peak resident memory of the process: {meta['peak_rss_mib']:.0f} MiB.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--num-samples", type=int, default=8, help="calibration windows")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    windows = calibration_windows(str(calibration_text_path()), tokenizer, args.num_samples, args.seqlen, 0)
+    times: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.repeats):
+        for setting, fields in SETTINGS.items():
+            for allocation in ALLOCATIONS:
+                config = BaqConfig(
+                    num_samples=args.num_samples, seqlen=args.seqlen, allocation=allocation, **fields
+                )
+                run = time_one(base, windows, config)
+                times.setdefault((setting, allocation), []).append(run)
+                print(setting, allocation, json.dumps(run), flush=True)
+    rows = []
+    for (setting, allocation), runs in times.items():
+        wall = statistics.median(r["wall_s"] for r in runs)
+        solver = statistics.median(r["solver_s"] for r in runs)
+        ref = times[(setting, "uniform")]
+        rows.append(
+            {
+                "setting": setting,
+                "allocation": allocation,
+                "wall_s": wall,
+                "solver_s": solver,
+                "wall_ratio": wall / statistics.median(r["wall_s"] for r in ref),
+                "solver_ratio": solver / statistics.median(r["solver_s"] for r in ref),
+                "runs": runs,
+            }
+        )
+    meta = {
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": f"python benchmarks/quant_time.py --num-samples {args.num_samples} --seqlen {args.seqlen} "
+        f"--repeats {args.repeats} --threads {args.threads}",
+        "protocol": f"{args.num_samples} C4 calibration windows of {args.seqlen} tokens, fp32 on CPU",
+        "repeats": args.repeats,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quant_time.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_markdown(rows, meta, RESULTS / "quant_time.md")
+    print((RESULTS / "quant_time.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
