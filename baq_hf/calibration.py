@@ -318,11 +318,43 @@ def compute_device(model: nn.Module) -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _warn_if_calibration_too_small(plan: QuantizationPlan, windows: torch.Tensor, config: BaqConfig) -> None:
+    """Warn when a layer sees fewer calibration tokens than it has inputs.
+
+    Its Hessian is then rank-deficient: input directions the calibration never excites look free to
+    quantize, and BAQ gives their columns few or no bits. Measured on SmolLM2-135M at 3 bits: with
+    4 windows of 256 tokens (1024 < 1536 inputs of down_proj) BAQ reached WikiText-2 perplexity 7653
+    against 1827 for uniform GPTQ; with 16 windows of 512 tokens, 131.6 against 281.6.
+    """
+    if config.allocation == "uniform":
+        return
+    tokens = windows.numel()
+    widest = max(
+        (
+            _weight_of(block.get_submodule(name)).shape[1]
+            for block, names in zip(plan.blocks, plan.layers, strict=True)
+            for name in names
+        ),
+        default=0,
+    )
+    if tokens < widest:
+        logger.warning(
+            "calibration has %d tokens (num_samples x seqlen) for layers with up to %d inputs: their "
+            "Hessians are rank-deficient and the %r allocation can then do worse than uniform GPTQ; raise "
+            "num_samples or seqlen to give at least %d tokens",
+            tokens,
+            widest,
+            config.allocation,
+            widest,
+        )
+
+
 def quantize_model(model: nn.Module, windows: torch.Tensor, config: BaqConfig, progress: bool = True) -> dict:
     """Quantize every planned layer of ``model`` in place; returns a per-layer report."""
     start = time.perf_counter()
     plan = plan_quantization(model, config)
     logger.info(plan.summary())
+    _warn_if_calibration_too_small(plan, windows, config)
     device = compute_device(model)
     resume = None
     if config.resume_dir is not None:

@@ -48,6 +48,14 @@ RUNS: dict[str, dict] = {
     "b2.5": dict(bits=2.5, allocation="baq"),
     "u2ga": dict(bits=2, allocation="uniform", group_size=64, act_order=True),
     "b2ga": dict(bits=2, allocation="baq", group_size=64, act_order=True),
+    "u3ga": dict(bits=3, allocation="uniform", group_size=64, act_order=True),
+    "b3ga": dict(bits=3, allocation="baq", group_size=64, act_order=True),
+    "b2.5ga": dict(bits=2.5, allocation="baq", group_size=64, act_order=True),
+    "b2gm1": dict(bits=2, allocation="baq", group_size=64, min_bits=1),
+    # the GPTQ protocol's 128 calibration windows instead of --num-samples
+    "u3-n128": dict(bits=3, allocation="uniform", num_samples=128),
+    "b3-n128": dict(bits=3, allocation="baq", num_samples=128),
+    "b2.5g-n128": dict(bits=2.5, allocation="baq", group_size=64, num_samples=128),
     "p3": dict(bits=3, allocation="paper"),
     "m3": dict(bits=3, allocation="measured"),
     "p2g": dict(bits=2, allocation="paper", group_size=64),
@@ -99,16 +107,24 @@ def write_markdown(records: list[dict], meta: dict) -> None:
         "bits are the informative regime. Groups are of 64 columns because 128 does not divide the model's "
         "width 576.",
         "",
-        "| run | allocation | group | act_order | code bits | effective bits | WikiText-2 | PTB | C4 | "
-        "quant. time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Quantization times are wall times on a machine shared with other jobs; "
+        "[quant_time.md](quant_time.md) compares BAQ and uniform GPTQ in interleaved runs.",
+        "",
+        "| run | allocation | group | act_order | other | code bits | effective bits | WikiText-2 | PTB | "
+        "C4 | quant. time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in records:
+    order = ["fp", *RUNS]
+    for r in sorted(records, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)):
         c = r["config"]
         ppl = r["ppl"]
+        other = ", ".join(
+            f"{k}={v}" for k, v in c.items() if k not in ("bits", "allocation", "group_size", "act_order")
+        )
         lines.append(
             f"| {r['name']} | {c.get('allocation', 'fp')} | {c.get('group_size', '-')} | "
-            f"{c.get('act_order', '-')} | {r.get('code_bits', 16):.3f} | {r.get('effective_bits', 16):.3f} | "
+            f"{c.get('act_order', '-')} | {other or '-'} | {r.get('code_bits', 16):.3f} | "
+            f"{r.get('effective_bits', 16):.3f} | "
             f"{ppl['wikitext2']:.2f} | {ppl['ptb']:.2f} | {ppl['c4']:.2f} | {r.get('seconds', 0):.0f} |"
         )
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
@@ -131,7 +147,9 @@ def main() -> None:
     saved = {} if args.fresh or not out_json.exists() else json.loads(out_json.read_text())
     meta = {
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "command": "python benchmarks/quality.py " + " ".join(f"--only {' '.join(args.only)}".split()),
+        # runs are added to quality.json one --only at a time: each row is `... --only NAME`
+        "command": f"python benchmarks/quality.py --num-samples {args.num_samples} --seqlen {args.seqlen} "
+        f"--eval-windows {args.eval_windows} --threads {args.threads} --only NAME",
         "protocol": (
             f"{args.num_samples} C4 calibration windows of {args.seqlen} tokens (seed 0), damp 0.01, "
             f"first {args.eval_windows} windows of {args.seqlen} tokens of each eval set, fp32 on CPU"
@@ -141,7 +159,7 @@ def main() -> None:
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    windows = calibration_windows(str(calibration_text_path()), tokenizer, args.num_samples, args.seqlen, 0)
+    windows: dict[int, torch.Tensor] = {}  # by number of calibration windows
     if "fp" not in records:
         records["fp"] = {
             "name": "fp",
@@ -150,10 +168,13 @@ def main() -> None:
         }
     for name in args.only:
         fields = RUNS[name]
-        config = BaqConfig(num_samples=args.num_samples, seqlen=args.seqlen, **fields)
+        config = BaqConfig(**{"num_samples": args.num_samples, "seqlen": args.seqlen, **fields})
+        n = config.num_samples
+        if n not in windows:
+            windows[n] = calibration_windows(str(calibration_text_path()), tokenizer, n, args.seqlen, 0)
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        report = quantize_model(model, windows, config, progress=False)
+        report = quantize_model(model, windows[n], config, progress=False)
         seconds = time.perf_counter() - start
         ppl = evaluate_all(dense_copy(model), tokenizer, args.seqlen, args.eval_windows)
         stats = report["layers"].values()

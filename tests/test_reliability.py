@@ -716,3 +716,16 @@ def test_model_without_a_block_list_gives_a_clear_error():
         plan_quantization(model, BaqConfig())
     with pytest.raises(ValueError, match=message):
         quantize_model(model, windows(), BaqConfig(num_samples=8, seqlen=32), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("num_samples", "allocation", "warns"),
+    [(2, "baq", True), (2, "uniform", False), (8, "baq", False)],
+    ids=["64-tokens-baq", "64-tokens-uniform", "256-tokens-baq"],
+)
+def test_too_few_calibration_tokens_for_the_widest_layer_warns(caplog, num_samples, allocation, warns):
+    """Tiny LLaMA: down_proj has 96 inputs; 2 x 32 tokens leave its Hessian rank-deficient."""
+    with caplog.at_level(logging.WARNING, logger="baq_hf.calibration"):
+        quantize(tiny_model("llama"), bits=2, num_samples=num_samples, allocation=allocation)
+    message = "calibration has 64 tokens (num_samples x seqlen) for layers with up to 96 inputs"
+    assert (message in caplog.text) is warns
