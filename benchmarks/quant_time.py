@@ -1,7 +1,9 @@
 """Quantization time of BAQ vs uniform GPTQ on SmolLM2-135M, measured side by side in one process.
 
 The allocations are run interleaved (uniform, baq, measured, uniform, baq, measured, ...) on copies of
-the same model with the same calibration windows, so a busy machine slows them alike; per run it
+the same model with the same calibration windows, and each ratio is taken within one round, so slow
+drifts of the machine cancel; run it on an otherwise idle machine all the same (a concurrent job on 2
+cores slowed single runs 6x). Per run it
 records the wall time of the whole layer-by-layer quantization (block forwards, Hessians, solver,
 packing) and the solver's own time (the sum of the per-layer `seconds` in the report). BAQ's extra
 work is the sensitivity computation and the allocation; "measured" solves every layer twice.
@@ -49,7 +51,8 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         "# Quantization time: BAQ vs uniform GPTQ (SmolLM2-135M)",
         "",
         f"Machine: {meta['machine']}. Command: `{meta['command']}`.",
-        f"Protocol: {meta['protocol']}. Runs interleaved; medians of {meta['repeats']} runs each.",
+        f"Protocol: {meta['protocol']}. Runs interleaved; times are medians of {meta['repeats']} runs, "
+        "ratios are medians of the ratios within each round.",
         "",
         "| setting | allocation | wall s (median) | solver s (median) | wall / uniform | solver / uniform |",
         "|---|---|---:|---:|---:|---:|",
@@ -89,17 +92,20 @@ def main() -> None:
                 print(setting, allocation, json.dumps(run), flush=True)
     rows = []
     for (setting, allocation), runs in times.items():
-        wall = statistics.median(r["wall_s"] for r in runs)
-        solver = statistics.median(r["solver_s"] for r in runs)
         ref = times[(setting, "uniform")]
+        # ratios within each repeat (runs close in time), then the median over repeats
         rows.append(
             {
                 "setting": setting,
                 "allocation": allocation,
-                "wall_s": wall,
-                "solver_s": solver,
-                "wall_ratio": wall / statistics.median(r["wall_s"] for r in ref),
-                "solver_ratio": solver / statistics.median(r["solver_s"] for r in ref),
+                "wall_s": statistics.median(r["wall_s"] for r in runs),
+                "solver_s": statistics.median(r["solver_s"] for r in runs),
+                "wall_ratio": statistics.median(
+                    r["wall_s"] / u["wall_s"] for r, u in zip(runs, ref, strict=True)
+                ),
+                "solver_ratio": statistics.median(
+                    r["solver_s"] / u["solver_s"] for r, u in zip(runs, ref, strict=True)
+                ),
                 "runs": runs,
             }
         )
