@@ -8,8 +8,9 @@ records the wall time of the whole layer-by-layer quantization (block forwards, 
 packing) and the solver's own time (the sum of the per-layer `seconds` in the report). BAQ's extra
 work is the sensitivity computation and the allocation; "measured" solves every layer twice.
 
-    python benchmarks/quant_time.py                       # 3 bits per row, 2 bits group 64
-    python benchmarks/quant_time.py --repeats 3 --num-samples 16
+    python benchmarks/quant_time.py                             # 3 bits per row, 2 bits group 64
+    python benchmarks/quant_time.py --num-samples 2 --repeats 3 # docs/results/quant_time.md: short
+                                                                # calibration, so the solver dominates
 
 Results: docs/results/quant_time.json and quant_time.md.
 """
