@@ -48,6 +48,50 @@ def allocate_optimal(c: torch.Tensor, target_bits: float, min_bits: int, max_bit
     return (min_bits + counts).to(torch.int64)
 
 
+def allocate_exact(
+    errors: torch.Tensor, target_bits: float, min_bits: int, dead: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Exact integer optimum of sum_j errors[j, R_j - min_bits] s.t. sum_j R_j = budget.
+
+    ``errors`` is N x K: column j's loss at min_bits + r bits. Measured rounding errors are not convex
+    in R (the first bit of a column buys almost nothing), so a greedy on marginal gains is not exact;
+    this is a dynamic program over (columns, bits spent), O(N x budget x K), which is. Dead columns
+    (no loss at any width) get min_bits unless the budget cannot be spent on the live ones.
+    """
+    n, k = errors.shape
+    total = budget(n, target_bits)
+    extra = total - n * min_bits
+    if not 0 <= extra <= n * (k - 1):
+        raise ValueError(
+            f"target {target_bits} bits is outside [min_bits, max_bits] = [{min_bits}, {min_bits + k - 1}]"
+        )
+    dead = torch.zeros(n, dtype=torch.bool) if dead is None else dead.cpu().bool()
+    live = torch.nonzero(~dead).flatten()
+    cost = errors.cpu().double()[live]
+    spend = min(extra, live.numel() * (k - 1))
+    best = torch.full((spend + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    choice = torch.empty(live.numel(), spend + 1, dtype=torch.uint8)
+    pad = torch.full((k - 1,), math.inf, dtype=torch.float64)
+    for j in range(live.numel()):
+        # window b holds best[b - (k-1) .. b]: spending r more bits on column j comes from best[b - r]
+        candidates = torch.cat([pad, best]).unfold(0, k, 1) + cost[j].flip(0)
+        best, index = candidates.min(dim=1)
+        choice[j] = (k - 1 - index).to(torch.uint8)
+    bits = torch.full((n,), min_bits, dtype=torch.int64)
+    left = spend
+    for j in range(live.numel() - 1, -1, -1):
+        r = int(choice[j, left])
+        bits[live[j]] += r
+        left -= r
+    leftover = extra - spend  # only when every live column is full: give the rest to dead columns
+    for j in torch.nonzero(dead).flatten().tolist():
+        add = min(leftover, k - 1)
+        bits[j] += add
+        leftover -= add
+    return bits
+
+
 def _round_to_reference_loss(c: torch.Tensor, l_ref: float, min_bits: int, max_bits: int) -> torch.Tensor:
     """Paper Alg. 1: R_j = max(0, round(0.5 log2(C_j / L_ref))), clamped to the bounds."""
     r = torch.full_like(c, float(min_bits))
@@ -95,7 +139,8 @@ def ratio_c(c: torch.Tensor) -> float:
 
 
 def allocate(method: str, c: torch.Tensor, target_bits: float, min_bits: int, max_bits: int) -> torch.Tensor:
-    """Dispatch on BaqConfig.allocation ("measured" passes C from measured losses)."""
+    """Dispatch on the rules driven by C ("measured" passes C from measured losses; "grid" needs the
+    per-bitwidth error table and goes through :func:`allocate_exact`)."""
     if method in ("baq", "measured"):
         return allocate_optimal(c, target_bits, min_bits, max_bits)
     if method == "paper":

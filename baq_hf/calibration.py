@@ -262,6 +262,7 @@ def quantize_block(
 ) -> dict[str, LayerResult]:
     """Quantize the listed sub-layers of one block, group by group in execution order."""
     modules = dict(block.named_modules())
+    spec = config.solver_spec()
     groups = _layer_groups(block, names, hiddens[0], kwargs) if config.true_sequential else [names]
     results: dict[str, LayerResult] = {}
     for group in groups:
@@ -285,19 +286,19 @@ def quantize_block(
                 h.remove()
         for name in group:
             mod = modules[name]
-            result = quantize_weight(_weight_of(mod), accs[name].h, config, f"{prefix}.{name}")
+            result = quantize_weight(_weight_of(mod), accs[name].h, spec, f"{prefix}.{name}")
             _set_weight(mod, result.q.to(mod.weight.device))
             results[name] = result
             s = result.stats
             logger.info(
-                "%s.%s: %.3f code bits, histogram %s, Ratio_C %.3f, Ratio_L(model) %.3f%s",
+                "%s.%s: %.3f code bits, histogram %s, Ratio_C %.3f, Ratio_L(model) %s%s",
                 prefix,
                 name,
                 s["code_bits"],
                 s["bit_histogram"],
                 s["ratio_c"],
-                s["ratio_l_model"],
-                f", Ratio_L(measured) {s['ratio_l']:.3f}" if "ratio_l" in s else "",
+                s["ratio_l_model"] if s["ratio_l_model"] is not None else s["ratio_l_model_vs"],
+                f", Ratio_L(measured) {s['ratio_l'] or s.get('ratio_l_vs')}" if "ratio_l" in s else "",
             )
     return results
 

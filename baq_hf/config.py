@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,8 +12,9 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .format import MAX_BITS
+from .gptq import SolverSpec
 
-ALLOCATIONS = ("baq", "paper", "measured", "uniform")
+ALLOCATIONS = ("baq", "grid", "paper", "measured", "uniform")
 
 
 class BaqConfig(QuantizationConfigMixin):
@@ -20,9 +22,10 @@ class BaqConfig(QuantizationConfigMixin):
 
     Args:
         bits: target mean code bits per weight of every quantized layer (e.g. 2.0, 2.25, 3).
-        allocation: "baq" (exact integer optimum of sum_j C_j 2^-2R_j, default), "paper" (Alg. 1-2 as
-            written), "measured" (C_j from a first uniform GPTQ pass, as in the authors' code), or
-            "uniform" (plain GPTQ).
+        allocation: "baq" (exact integer optimum of sum_j C_j 2^-2R_j, default), "grid" (exact integer
+            optimum of each column's real rounding error on its (2^R - 1)-step grid, R = 0 zeroing it),
+            "paper" (Alg. 1-2 as written), "measured" (C_j from a first uniform GPTQ pass, as in the
+            authors' code), or "uniform" (plain GPTQ).
         min_bits / max_bits: bounds of every column's bitwidth (0 drops a column; at most 15).
         group_size: columns sharing one quantization range; -1 = one range per row.
         sym: symmetric ranges (zero point in the middle).
@@ -36,6 +39,8 @@ class BaqConfig(QuantizationConfigMixin):
         num_samples / seqlen / seed: number, length and sampling seed of calibration windows.
         modules_to_not_convert: module names (or name suffixes) left in full precision; lm_head and
             the embeddings are never quantized.
+        clip_search: search a clipped range per row (or group) that minimises the Hessian-diagonal-
+            weighted rounding error at the allocated bitwidths, instead of the min/max range.
         compare_uniform: also run uniform GPTQ on every layer to report the measured Ratio_L.
         true_sequential: quantize the sub-layers of a block in execution order, each on the inputs
             produced by the already-quantized ones.
@@ -60,6 +65,7 @@ class BaqConfig(QuantizationConfigMixin):
         seqlen: int = 2048,
         seed: int = 0,
         modules_to_not_convert: list[str] | None = None,
+        clip_search: bool = False,
         compare_uniform: bool = False,
         true_sequential: bool = True,
         resume_dir: str | None = None,
@@ -81,6 +87,7 @@ class BaqConfig(QuantizationConfigMixin):
         self.seqlen = seqlen
         self.seed = seed
         self.modules_to_not_convert = modules_to_not_convert
+        self.clip_search = clip_search
         self.compare_uniform = compare_uniform
         self.true_sequential = true_sequential
         self.resume_dir = resume_dir
@@ -130,7 +137,7 @@ class BaqConfig(QuantizationConfigMixin):
             fail("damp_percent", "it must be a number in (0, 1]")
         if not 0 < self.damp_percent <= 1:
             fail("damp_percent", "it must lie in (0, 1]; the paper uses 0.01")
-        for field in ("sym", "act_order", "compare_uniform", "true_sequential"):
+        for field in ("sym", "act_order", "clip_search", "compare_uniform", "true_sequential"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "it must be True or False")
         if self.num_samples < 1:
@@ -156,6 +163,10 @@ class BaqConfig(QuantizationConfigMixin):
                 "give None (loaded from the model folder), a tokenizer name or folder path (str), or a "
                 "tokenizer object such as AutoTokenizer.from_pretrained(...) (callable, with .encode)",
             )
+
+    def solver_spec(self) -> SolverSpec:
+        """The plain settings the GPTQ solver takes (it does not depend on transformers)."""
+        return SolverSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SolverSpec)})
 
     def to_dict(self) -> dict[str, Any]:
         """Serializable settings; calibration data and tokenizer objects are not stored in config.json."""

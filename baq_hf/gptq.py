@@ -2,25 +2,46 @@
 
 Faithful to the reference GPTQ: Hessian damping by a fraction of mean(diag H), dead inputs zeroed,
 optional act_order, the upper Cholesky factor U of H^-1, lazy block updates, group ranges fitted on
-the weights as updated when the group starts. The only change is that column j is rounded onto a grid
-of 2^R_j levels of its row's (or group's) range, with R_j = 0 meaning "set to 0 and compensate".
+the weights as updated when the group starts. The changes: column j is rounded onto a grid of 2^R_j
+levels of its row's (or group's) range, with R_j = 0 meaning "set to 0 and compensate"; ranges may be
+clipped (clipping.py); and a group starting inside a block sees that block's pending updates.
+
+The solver knows nothing of transformers: it takes a :class:`SolverSpec` and tensors.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from . import allocation as alloc
+from . import clipping
 from . import format as fmt
-from .config import BaqConfig
 
 logger = logging.getLogger(__name__)
 
 DAMP_RETRIES = 4
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """What the solver needs to quantize one layer (BaqConfig.solver_spec() builds it)."""
+
+    bits: float
+    allocation: str = "baq"
+    min_bits: int = 0
+    max_bits: int = 8
+    group_size: int = -1
+    sym: bool = False
+    act_order: bool = False
+    damp_percent: float = 0.01
+    block_size: int = 128
+    clip_search: bool = False
+    compare_uniform: bool = False
 
 
 class HessianAccumulator:
@@ -117,57 +138,109 @@ def prepare(
     return PreparedLayer(w=w, h=h_undamped, u=u, perm=perm, dead=dead)
 
 
-def _group_ranges(w: torch.Tensor, group_size: int, sym: bool):
-    """fp16 ranges per row (G = 1) or per row and group, from the given weights."""
+def _initial_ranges(w: torch.Tensor, group_size: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 min/max ranges (M x G) of the weights before GPTQ: per row (G = 1) or per group."""
     n = w.shape[1]
-    if group_size == -1:
-        mn, mx = fmt.fit_range(w, sym)
-        return mn.unsqueeze(1), mx.unsqueeze(1)
-    pairs = [fmt.fit_range(w[:, g : g + group_size], sym) for g in range(0, n, group_size)]
+    width = n if group_size == -1 else group_size
+    pairs = [fmt.fit_range(w[:, g : g + width], sym) for g in range(0, n, width)]
     return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
 
 
+def _group_of_column(n: int, group_size: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.long) if group_size == -1 else torch.arange(n) // group_size
+
+
 def sensitivities(prep: PreparedLayer, group_size: int, sym: bool) -> torch.Tensor:
-    """C_j (quantization order) from the initial ranges and d_j = U[j, j]."""
-    mn, mx = _group_ranges(prep.w, group_size, sym)
-    range_sq = (mx.float() - mn.float()) ** 2  # M x G
-    per_group = range_sq.sum(dim=0)  # G
-    n = prep.w.shape[1]
-    gidx = torch.zeros(n, dtype=torch.long) if group_size == -1 else torch.arange(n) // group_size
+    """C_j (quantization order) from the initial min/max ranges and d_j = U[j, j]."""
+    mn, mx = _initial_ranges(prep.w, group_size, sym)
+    per_group = ((mx.float() - mn.float()) ** 2).sum(dim=0)  # G
+    gidx = _group_of_column(prep.w.shape[1], group_size)
     return alloc.sensitivities(per_group.cpu()[gidx], torch.diag(prep.u).cpu(), prep.dead.cpu())
 
 
-def solve(
-    prep: PreparedLayer, bits: torch.Tensor, group_size: int, sym: bool, block_size: int
-) -> SolveResult:
-    """Run GPTQ over the columns (in quantization order) with bitwidth bits[j] for column j."""
+def rounding_errors(prep: PreparedLayer, group_size: int, sym: bool, min_bits: int, max_bits: int):
+    """GPTQ's loss of every column rounded alone at every bitwidth: N x (max_bits - min_bits + 1).
+
+    Entry (j, r) is sum_i (w_ij - q_ij)^2 / d_j^2 with q on the real grid of min_bits + r bits over the
+    column's initial min/max range: 2^R - 1 steps, and R = 0 zeroes the column (error = its energy).
+    This is what the loss model C_j 4^-R approximates, and where it is far off (R <= 2) it matters most.
+    """
+    mn, mx = _initial_ranges(prep.w, group_size, sym)
+    gidx = _group_of_column(prep.w.shape[1], group_size).to(mn.device)
+    mn_col, mx_col = mn[:, gidx], mx[:, gidx]  # M x N
+    inv_d2 = 1.0 / torch.diag(prep.u).double() ** 2
+    table = []
+    for b in range(min_bits, max_bits + 1):
+        scale, zero = fmt.grid(mn_col, mx_col, b)
+        q = fmt.dequantize_codes(fmt.quantize_codes(prep.w, scale, zero, b), scale, zero)
+        table.append(((prep.w - q) ** 2).sum(dim=0).double() * inv_d2)
+    errors = torch.stack(table, dim=1).cpu()
+    errors[prep.dead.cpu()] = 0.0
+    return errors
+
+
+def _up_to_date_group(
+    w: torch.Tensor,
+    w1: torch.Tensor,
+    err1: torch.Tensor,
+    u: torch.Tensor,
+    i1: int,
+    i2: int,
+    i: int,
+    width: int,
+) -> torch.Tensor:
+    """Weights of the group starting at column i1 + i with every earlier column's update applied.
+
+    Inside the current block they are in ``w1``; columns past the block still miss this block's lazy
+    update, which is applied here to a copy (GPTQ's reference reads the stale ``w`` in both places).
+    """
+    col = i1 + i
+    end = min(col + width, w.shape[1])
+    if end <= i2:
+        return w1[:, i : i + end - col]
+    tail = w[:, i2:end] - err1[:, :i] @ u[i1 : i1 + i, i2:end]
+    return torch.cat([w1[:, i:], tail], dim=1)
+
+
+def solve(prep: PreparedLayer, bits: torch.Tensor, spec: SolverSpec) -> SolveResult:
+    """Run GPTQ over the columns (in quantization order) with bitwidth bits[j] for column j.
+
+    Per-row ranges are fitted once on the initial weights; group ranges when the group starts, on the
+    weights as updated so far. With ``spec.clip_search`` each range is the best clipped one for the
+    columns' own bitwidths, weighted by the Hessian diagonal.
+    """
     w = prep.w.clone()
     u = prep.u
     n = w.shape[1]
     device = w.device
+    bits = bits.to(device)
     bits_list = bits.tolist()
+    h_diag = torch.diag(prep.h)
     bit_values = torch.arange(fmt.MAX_BITS + 1, device=device)
     q_all = torch.zeros_like(w)
     codes_all = torch.zeros_like(w)
     losses = torch.zeros(n, device=device)
-    if group_size == -1:
-        range_min, range_max = _group_ranges(w, -1, sym)
-        scale_tab, zero_tab = fmt.grid(range_min, range_max, bit_values.unsqueeze(0))  # M x 16
-        mins, maxs = [range_min], [range_max]
-    else:
-        mins, maxs = [], []
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
+    mins, maxs = [], []
+
+    def fit(block: torch.Tensor, col: int):
+        cols = slice(col, col + block.shape[1])
+        mn, mx = clipping.fit_ranges(block, bits[cols], h_diag[cols], spec.sym, spec.clip_search)
+        mins.append(mn)
+        maxs.append(mx)
+        return fmt.grid(mn.unsqueeze(1), mx.unsqueeze(1), bit_values.unsqueeze(0))  # M x 16 each
+
+    if spec.group_size == -1:
+        scale_tab, zero_tab = fit(w, 0)
+    for i1 in range(0, n, spec.block_size):
+        i2 = min(i1 + spec.block_size, n)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if group_size != -1 and col % group_size == 0:
-                g_min, g_max = _group_ranges(w[:, col : col + group_size], -1, sym)
-                mins.append(g_min)
-                maxs.append(g_max)
-                scale_tab, zero_tab = fmt.grid(g_min, g_max, bit_values.unsqueeze(0))
+            if spec.group_size != -1 and col % spec.group_size == 0:
+                group = _up_to_date_group(w, w1, err1, u, i1, i2, i, spec.group_size)
+                scale_tab, zero_tab = fit(group, col)
             x = w1[:, i]
             d = hinv1[i, i]
             b = bits_list[col]
@@ -185,8 +258,8 @@ def solve(
         q=q_all,
         codes=codes_all,
         column_loss=losses.cpu(),
-        range_min=torch.cat(mins, 1).cpu(),
-        range_max=torch.cat(maxs, 1).cpu(),
+        range_min=torch.stack(mins, 1).cpu(),
+        range_max=torch.stack(maxs, 1).cpu(),
     )
 
 
@@ -196,47 +269,73 @@ def output_loss(prep: PreparedLayer, q: torch.Tensor) -> float:
     return float(((e @ prep.h) * e).sum())
 
 
-def quantize_weight(w: torch.Tensor, h: torch.Tensor, config: BaqConfig, name: str = "") -> LayerResult:
-    """Quantize one weight (out x in) given its Hessian, allocating bits as the config says."""
-    start = time.perf_counter()
-    prep = prepare(w, h, config.damp_percent, config.act_order, name)
+def _uniform_neighbours(bits: float) -> list[int]:
+    """Integer bitwidths a uniform baseline can have at this target: itself, or both neighbours."""
+    low = max(1, math.floor(bits))
+    return [low] if float(bits) == low else [low, low + 1]
+
+
+def _add_ratios(stats: dict, key: str, by_bits: dict[int, float]) -> None:
+    """A uniform comparison at an integer target is one number; at a fractional one no uniform run has
+    the same storage, so ``key`` is None and ``key + "_vs"`` holds the ratio to both integer neighbours."""
+    if len(by_bits) == 1:
+        stats[key] = next(iter(by_bits.values()))
+    else:
+        stats[key] = None
+        stats[key + "_vs"] = {str(r): v for r, v in by_bits.items()}
+
+
+def _allocate(prep: PreparedLayer, c: torch.Tensor, spec: SolverSpec) -> torch.Tensor:
     n = prep.w.shape[1]
-    gs = config.group_size
+    if spec.allocation == "grid":
+        errors = rounding_errors(prep, spec.group_size, spec.sym, spec.min_bits, spec.max_bits)
+        return alloc.allocate_exact(errors, spec.bits, spec.min_bits, prep.dead.cpu())
+    if spec.allocation == "measured":
+        pass1_bits = max(1, round(spec.bits))
+        pass1 = solve(prep, alloc.allocate_uniform(n, pass1_bits), spec)
+        c = torch.where(prep.dead.cpu(), torch.zeros_like(pass1.column_loss), pass1.column_loss)
+        c = c.double() * 4.0**pass1_bits
+    return alloc.allocate(spec.allocation, c, spec.bits, spec.min_bits, spec.max_bits)
+
+
+def quantize_weight(w: torch.Tensor, h: torch.Tensor, spec: SolverSpec, name: str = "") -> LayerResult:
+    """Quantize one weight (out x in) given its Hessian, allocating bits as the spec says."""
+    start = time.perf_counter()
+    prep = prepare(w, h, spec.damp_percent, spec.act_order, name)
+    n = prep.w.shape[1]
+    gs = spec.group_size
     if gs != -1 and n % gs:
         raise ValueError(
             f"group_size={gs} does not divide in_features={n} of layer {name!r}; "
             "choose a divisor or list the layer in modules_to_not_convert"
         )
-    c = sensitivities(prep, gs, config.sym)
-    uniform_bits = max(1, round(config.bits))
-    uniform = None
-    if config.allocation == "measured" or config.compare_uniform:
-        uniform = solve(prep, alloc.allocate_uniform(n, uniform_bits), gs, config.sym, config.block_size)
-    if config.allocation == "measured":
-        c_alloc = torch.where(prep.dead.cpu(), torch.zeros_like(uniform.column_loss), uniform.column_loss)
-        c_alloc = c_alloc.double() * 4.0**uniform_bits
-    else:
-        c_alloc = c
-    bits = alloc.allocate(config.allocation, c_alloc, config.bits, config.min_bits, config.max_bits)
-    result = solve(prep, bits, gs, config.sym, config.block_size)
+    c = sensitivities(prep, gs, spec.sym)
+    bits = _allocate(prep, c, spec)
+    result = solve(prep, bits, spec)
     loss = output_loss(prep, result.q)
     stats = {
         "code_bits": float(bits.double().mean()),
-        "bit_histogram": torch.bincount(bits, minlength=config.max_bits + 1).tolist(),
+        "bit_histogram": torch.bincount(bits, minlength=spec.max_bits + 1).tolist(),
         "ratio_c": alloc.ratio_c(c),
-        "ratio_l_model": alloc.model_loss(c, bits)
-        / max(alloc.model_loss(c, alloc.allocate_uniform(n, uniform_bits)), 1e-300),
         "loss": loss,
-        "seconds": time.perf_counter() - start,
     }
-    if uniform is not None:
-        uniform_loss = output_loss(prep, uniform.q)
-        stats["uniform_loss"] = uniform_loss
-        stats["ratio_l"] = loss / uniform_loss if uniform_loss > 0 else float("nan")
+    model_ratios = {
+        r: alloc.model_loss(c, bits) / max(alloc.model_loss(c, alloc.allocate_uniform(n, r)), 1e-300)
+        for r in _uniform_neighbours(spec.bits)
+    }
+    _add_ratios(stats, "ratio_l_model", model_ratios)
+    if spec.compare_uniform:
+        uniform = {
+            r: output_loss(prep, solve(prep, alloc.allocate_uniform(n, r), spec).q)
+            for r in model_ratios
+        }
+        _add_ratios(stats, "uniform_loss", uniform)
+        _add_ratios(stats, "ratio_l", {r: loss / u if u > 0 else float("nan") for r, u in uniform.items()})
+    stats["seconds"] = time.perf_counter() - start
     inv = torch.empty_like(prep.perm)
     inv[prep.perm] = torch.arange(n, device=prep.perm.device)
     inv = inv.cpu()
-    group_of_column = None if gs == -1 else (torch.arange(n) // gs)[inv]
+    group_of_column = None if gs == -1 else _group_of_column(n, gs)[inv]
     return LayerResult(
         q=result.q.cpu()[:, inv],
         codes=result.codes.cpu()[:, inv].long(),

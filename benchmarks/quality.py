@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -26,11 +27,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import baq_hf  # noqa: F401  (registers the quantizer)
 from baq_hf import BaqConfig, BaqLinear
 from baq_hf.calibration import quantize_model
-from baq_hf.data import calibration_text_path, calibration_windows, resolve_eval_text
+from baq_hf.data import calibration_windows, resolve_eval_text
 from baq_hf.eval import perplexity
 from baq_hf.models import smollm2_path
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+# C4 validation documents 1100-1999 (disjoint from the C4 evaluation slice), beside the repository
+C4_CALIBRATION = Path(__file__).resolve().parents[2] / "shared/data/c4/c4_val_calib_docs1100-1999_joined.txt"
 
 # name -> BaqConfig fields
 RUNS: dict[str, dict] = {
@@ -60,6 +63,25 @@ RUNS: dict[str, dict] = {
     "m3": dict(bits=3, allocation="measured"),
     "p2g": dict(bits=2, allocation="paper", group_size=64),
     "m2g": dict(bits=2, allocation="measured", group_size=64),
+    # Quality I: the grid-true allocation ("grid") and the Hessian-weighted clip search
+    "g3": dict(bits=3, allocation="grid"),
+    "g2.5": dict(bits=2.5, allocation="grid"),
+    "g2g": dict(bits=2, allocation="grid", group_size=64),
+    "u3c": dict(bits=3, allocation="uniform", clip_search=True),
+    "b3c": dict(bits=3, allocation="baq", clip_search=True),
+    "g3c": dict(bits=3, allocation="grid", clip_search=True),
+    "b2.5c": dict(bits=2.5, allocation="baq", clip_search=True),
+    "g2.5c": dict(bits=2.5, allocation="grid", clip_search=True),
+    "u2c": dict(bits=2, allocation="uniform", clip_search=True),
+    "b2c": dict(bits=2, allocation="baq", clip_search=True),
+    "g2c": dict(bits=2, allocation="grid", clip_search=True),
+    "u2gc": dict(bits=2, allocation="uniform", group_size=64, clip_search=True),
+    "b2gc": dict(bits=2, allocation="baq", group_size=64, clip_search=True),
+    "g2gc": dict(bits=2, allocation="grid", group_size=64, clip_search=True),
+    "u3gc": dict(bits=3, allocation="uniform", group_size=64, clip_search=True),
+    "g3gc": dict(bits=3, allocation="grid", group_size=64, clip_search=True),
+    "u3gac": dict(bits=3, allocation="uniform", group_size=64, act_order=True, clip_search=True),
+    "g3gac": dict(bits=3, allocation="grid", group_size=64, act_order=True, clip_search=True),
 }
 DATASETS = ("wikitext2", "ptb", "c4")
 
@@ -95,6 +117,11 @@ def layer_totals(model) -> dict[str, float]:
     return {"code_bits": code, "effective_bits": eff}
 
 
+def _seed_runs(record: dict) -> dict[str, dict]:
+    """Per calibration seed: {"ppl", "seconds"}; records from before seeds were tracked are seed 0."""
+    return record.get("seeds") or {"0": {"ppl": record["ppl"], "seconds": record.get("seconds", 0)}}
+
+
 def write_markdown(records: list[dict], meta: dict) -> None:
     lines = [
         "# Quality: SmolLM2-135M-Instruct, fp vs uniform GPTQ vs BAQ",
@@ -107,25 +134,32 @@ def write_markdown(records: list[dict], meta: dict) -> None:
         "bits are the informative regime. Groups are of 64 columns because 128 does not divide the model's "
         "width 576.",
         "",
+        "Perplexities are means over the calibration seeds measured (column `seeds`); `WikiText-2 range` "
+        "is their min-max. A difference smaller than that spread is noise.",
+        "",
         "Quantization times are wall times on a machine shared with other jobs; "
         "[quant_time.md](quant_time.md) compares BAQ and uniform GPTQ in interleaved runs.",
         "",
-        "| run | allocation | group | act_order | other | code bits | effective bits | WikiText-2 | PTB | "
-        "C4 | quant. time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | allocation | group | act_order | other | code bits | effective bits | seeds | WikiText-2 | "
+        "WikiText-2 range | PTB | C4 | quant. time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = ["fp", *RUNS]
     for r in sorted(records, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)):
         c = r["config"]
-        ppl = r["ppl"]
+        runs = list(_seed_runs(r).values())
+        mean = {k: statistics.fmean(run["ppl"][k] for run in runs) for k in DATASETS}
+        wiki = [run["ppl"]["wikitext2"] for run in runs]
+        spread = f"{min(wiki):.2f}-{max(wiki):.2f}" if len(wiki) > 1 else "-"
+        seconds = statistics.fmean(run.get("seconds", 0) for run in runs)
         other = ", ".join(
             f"{k}={v}" for k, v in c.items() if k not in ("bits", "allocation", "group_size", "act_order")
         )
         lines.append(
             f"| {r['name']} | {c.get('allocation', 'fp')} | {c.get('group_size', '-')} | "
             f"{c.get('act_order', '-')} | {other or '-'} | {r.get('code_bits', 16):.3f} | "
-            f"{r.get('effective_bits', 16):.3f} | "
-            f"{ppl['wikitext2']:.2f} | {ppl['ptb']:.2f} | {ppl['c4']:.2f} | {r.get('seconds', 0):.0f} |"
+            f"{r.get('effective_bits', 16):.3f} | {','.join(_seed_runs(r))} | "
+            f"{mean['wikitext2']:.2f} | {spread} | {mean['ptb']:.2f} | {mean['c4']:.2f} | {seconds:.0f} |"
         )
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
 
@@ -138,6 +172,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=16, help="calibration windows")
     parser.add_argument("--seqlen", type=int, default=512, help="calibration and evaluation window length")
     parser.add_argument("--eval-windows", type=int, default=12, help="first N evaluation windows per dataset")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds (3: a spread)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="discard earlier results in quality.json")
     args = parser.parse_args()
@@ -149,9 +184,9 @@ def main() -> None:
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
         # runs are added to quality.json one --only at a time: each row is `... --only NAME`
         "command": f"python benchmarks/quality.py --num-samples {args.num_samples} --seqlen {args.seqlen} "
-        f"--eval-windows {args.eval_windows} --threads {args.threads} --only NAME",
+        f"--eval-windows {args.eval_windows} --threads {args.threads} --seeds SEEDS --only NAME",
         "protocol": (
-            f"{args.num_samples} C4 calibration windows of {args.seqlen} tokens (seed 0), damp 0.01, "
+            f"{args.num_samples} C4 calibration windows of {args.seqlen} tokens (seeds listed), damp 0.01, "
             f"first {args.eval_windows} windows of {args.seqlen} tokens of each eval set, fp32 on CPU"
         ),
     }
@@ -159,7 +194,7 @@ def main() -> None:
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    windows: dict[int, torch.Tensor] = {}  # by number of calibration windows
+    windows: dict[tuple[int, int], torch.Tensor] = {}  # by (number of windows, seed)
     if "fp" not in records:
         records["fp"] = {
             "name": "fp",
@@ -168,28 +203,31 @@ def main() -> None:
         }
     for name in args.only:
         fields = RUNS[name]
-        config = BaqConfig(**{"num_samples": args.num_samples, "seqlen": args.seqlen, **fields})
-        n = config.num_samples
-        if n not in windows:
-            windows[n] = calibration_windows(str(calibration_text_path()), tokenizer, n, args.seqlen, 0)
-        model = copy.deepcopy(base)
-        start = time.perf_counter()
-        report = quantize_model(model, windows[n], config, progress=False)
-        seconds = time.perf_counter() - start
-        ppl = evaluate_all(dense_copy(model), tokenizer, args.seqlen, args.eval_windows)
-        stats = report["layers"].values()
-        records[name] = {
-            "name": name,
-            "config": fields,
-            "ppl": ppl,
-            "seconds": seconds,
-            "mean_ratio_c": sum(s["ratio_c"] for s in stats) / len(stats),
-            "mean_ratio_l_model": sum(s["ratio_l_model"] for s in stats) / len(stats),
-            **layer_totals(model),
-        }
-        print(name, json.dumps(records[name]), flush=True)
-        out_json.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-        write_markdown(list(records.values()), meta)
+        for seed in args.seeds:
+            config = BaqConfig(**{"num_samples": args.num_samples, "seqlen": args.seqlen, **fields})
+            key = (config.num_samples, seed)
+            if key not in windows:
+                windows[key] = calibration_windows(str(C4_CALIBRATION), tokenizer, key[0], args.seqlen, seed)
+            model = copy.deepcopy(base)
+            start = time.perf_counter()
+            report = quantize_model(model, windows[key], config, progress=False)
+            seconds = time.perf_counter() - start
+            ppl = evaluate_all(dense_copy(model), tokenizer, args.seqlen, args.eval_windows)
+            stats = list(report["layers"].values())
+            record = records.get(name) if records.get(name, {}).get("config") == fields else None
+            record = record or {"name": name, "config": fields}
+            runs = _seed_runs(record) if "ppl" in record else {}
+            runs[str(seed)] = {"ppl": ppl, "seconds": seconds}
+            record.update(
+                seeds=runs,
+                ppl=runs[min(runs, key=int)]["ppl"],
+                mean_ratio_c=statistics.fmean(s["ratio_c"] for s in stats),
+                **layer_totals(model),
+            )
+            records[name] = record
+            print(name, seed, json.dumps(ppl), f"{seconds:.0f}s", flush=True)
+            out_json.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+            write_markdown(list(records.values()), meta)
     out_json.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     write_markdown(list(records.values()), meta)
 

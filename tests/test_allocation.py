@@ -72,3 +72,42 @@ def test_paper_rule_tracks_target_and_is_close_to_optimum():
 def test_out_of_range_target_is_rejected():
     with pytest.raises(ValueError, match="outside"):
         alloc.allocate_optimal(torch.ones(4, dtype=torch.float64), 9.0, 0, 8)
+
+
+def brute_force_table(errors, target, lo):
+    n, k = errors.shape
+    total = round(target * n)
+    best = None
+    for r in itertools.product(range(k), repeat=n):
+        if sum(r) + n * lo != total:
+            continue
+        loss = sum(float(errors[j, rj]) for j, rj in enumerate(r))
+        if best is None or loss < best:
+            best = loss
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("target", [1.0, 1.6, 2.0, 2.5, 3.0])
+def test_exact_allocation_matches_brute_force_on_non_convex_costs(seed, target):
+    g = torch.Generator().manual_seed(seed)
+    # decreasing but non-convex per-column curves: the first bit buys almost nothing, as on the real grid
+    steps = torch.rand(5, 4, generator=g, dtype=torch.float64) * torch.exp(2 * torch.randn(5, 1, generator=g))
+    steps[:, 0] *= 0.02
+    errors = torch.cat([steps.sum(1, keepdim=True), steps.sum(1, keepdim=True) - steps.cumsum(1)], 1)
+    r = alloc.allocate_exact(errors, target, 0)
+    assert int(r.sum()) == round(target * 5)
+    assert r.min() >= 0 and r.max() <= 4
+    got = float(errors[torch.arange(5), r].sum())
+    assert got == pytest.approx(brute_force_table(errors, target, 0), rel=1e-12, abs=1e-15)
+
+
+def test_exact_allocation_respects_min_bits_and_dead_columns():
+    errors = torch.tensor([[8.0, 4.0, 1.0, 0.5], [0.0] * 4, [9.0, 8.9, 0.1, 0.0]], dtype=torch.float64)
+    dead = torch.tensor([False, True, False])
+    r = alloc.allocate_exact(errors, 2.0, 1, dead)  # bits 1..4, budget 6
+    assert r.tolist() == [2, 1, 3]  # 4 + 0.1 beats every other split of 3 extra bits
+    full = alloc.allocate_exact(errors, 4.0, 1, dead)  # budget 12: every column at max, dead ones too
+    assert full.tolist() == [4, 4, 4]
+    with pytest.raises(ValueError, match="outside"):
+        alloc.allocate_exact(errors, 4.5, 1, dead)
