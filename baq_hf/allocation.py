@@ -6,6 +6,7 @@ Columns with C_j = 0 (dead inputs) carry no loss at any bitwidth and are given m
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -27,6 +28,16 @@ def budget(n_cols: int, target_bits: float) -> int:
     return round(target_bits * n_cols)
 
 
+def _bits_above_floor(total: int, units: int, target_bits: float, min_bits: int, max_bits: int) -> int:
+    """Bits to give above min_bits per unit (column, or weight), or an error if the target is out of range."""
+    extra = total - units * min_bits
+    if not 0 <= extra <= units * (max_bits - min_bits):
+        raise ValueError(
+            f"target {target_bits} bits is outside [min_bits, max_bits] = [{min_bits}, {max_bits}]"
+        )
+    return extra
+
+
 def allocate_optimal(c: torch.Tensor, target_bits: float, min_bits: int, max_bits: int) -> torch.Tensor:
     """Exact integer optimum of sum_j C_j 4^-R_j s.t. sum_j R_j = budget, min_bits <= R_j <= max_bits.
 
@@ -35,12 +46,7 @@ def allocate_optimal(c: torch.Tensor, target_bits: float, min_bits: int, max_bit
     of all gains) is optimal and hits the budget exactly.
     """
     n = c.numel()
-    total = budget(n, target_bits)
-    extra = total - n * min_bits
-    if not 0 <= extra <= n * (max_bits - min_bits):
-        raise ValueError(
-            f"target {target_bits} bits is outside [min_bits, max_bits] = [{min_bits}, {max_bits}]"
-        )
+    extra = _bits_above_floor(budget(n, target_bits), n, target_bits, min_bits, max_bits)
     steps = torch.arange(min_bits, max_bits, dtype=torch.float64)
     gains = 0.75 * c.double().unsqueeze(1) * torch.pow(4.0, -steps).unsqueeze(0)  # N x (max - min)
     order = torch.sort(gains.reshape(-1), descending=True, stable=True).indices[:extra]
@@ -59,12 +65,7 @@ def allocate_exact(
     (no loss at any width) get min_bits unless the budget cannot be spent on the live ones.
     """
     n, k = errors.shape
-    total = budget(n, target_bits)
-    extra = total - n * min_bits
-    if not 0 <= extra <= n * (k - 1):
-        raise ValueError(
-            f"target {target_bits} bits is outside [min_bits, max_bits] = [{min_bits}, {min_bits + k - 1}]"
-        )
+    extra = _bits_above_floor(budget(n, target_bits), n, target_bits, min_bits, min_bits + k - 1)
     dead = torch.zeros(n, dtype=torch.bool) if dead is None else dead.cpu().bool()
     live = torch.nonzero(~dead).flatten()
     cost = errors.cpu().double()[live]
@@ -90,6 +91,55 @@ def allocate_exact(
         bits[j] += add
         leftover -= add
     return bits
+
+
+def allocate_across_layers(
+    tables: list[torch.Tensor], weights: list[float], rows: list[int], target_bits: float, min_bits: int
+) -> list[int]:
+    """One bit budget for many layers: code bits per layer (sum over its columns) for a model-wide mean.
+
+    Minimises sum_l weights[l] sum_j tables[l][j, R_j - min_bits] subject to
+    sum_l rows[l] sum_j R_j <= round(target_bits x sum_l rows[l] N_l): a column's bit costs its rows.
+    A Lagrange multiplier mu, bisected, prices a stored bit; every column takes its cheapest width at
+    that price, which is optimal for the total it spends (Everett). The gap to the budget left by the
+    last price step is filled greedily by the best gain per stored bit that fits.
+    """
+    cost = torch.cat([t.cpu().double() * w for t, w in zip(tables, weights, strict=True)])
+    col_rows = torch.cat([torch.full((t.shape[0],), float(r)) for t, r in zip(tables, rows, strict=True)])
+    col_rows = col_rows.double()
+    k = cost.shape[1]
+    steps = torch.arange(k, dtype=torch.float64)
+    units = int(col_rows.sum())  # weights in all layers
+    extra = _bits_above_floor(round(target_bits * units), units, target_bits, min_bits, min_bits + k - 1)
+
+    def choose(mu: float) -> torch.Tensor:
+        return torch.argmin(cost + mu * col_rows.unsqueeze(1) * steps, dim=1)
+
+    def spent(r: torch.Tensor) -> int:
+        return int((col_rows * r).sum())
+
+    lo, hi = 0.0, float(((cost[:, 0] - cost.min(dim=1).values) / col_rows).max()) + 1.0
+    for _ in range(200):  # spent(choose(mu)) falls as mu rises: the smallest mu that fits the budget
+        mid = 0.5 * (lo + hi)
+        if spent(choose(mid)) <= extra:
+            hi = mid
+        else:
+            lo = mid
+    r = choose(hi)
+    gap = extra - spent(r)
+    while gap > 0:
+        current = cost.gather(1, r.unsqueeze(1))
+        more = steps.unsqueeze(0) - r.unsqueeze(1).double()
+        fits = (more > 0) & (more * col_rows.unsqueeze(1) <= gap)
+        gain = torch.where(fits, (current - cost) / (more * col_rows.unsqueeze(1)), -math.inf)
+        best = int(torch.argmax(gain.max(dim=1).values))
+        if not math.isfinite(float(gain[best].max())):
+            break
+        step = int(torch.argmax(gain[best]))
+        gap -= int(col_rows[best]) * (step - int(r[best]))
+        r[best] = step
+    bounds = torch.cumsum(torch.tensor([0] + [t.shape[0] for t in tables]), 0).tolist()
+    return [int(r[a:b].sum()) + min_bits * (b - a) for a, b in itertools.pairwise(bounds)]
 
 
 def _round_to_reference_loss(c: torch.Tensor, l_ref: float, min_bits: int, max_bits: int) -> torch.Tensor:

@@ -10,9 +10,11 @@ between layers (sliding-window vs global attention).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from . import budget
 from .checkpoint import ResumeState
 from .config import BaqConfig
 from .gptq import HessianAccumulator, LayerResult, quantize_weight
@@ -252,6 +255,39 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def collect_hessians(
+    block: nn.Module,
+    names: list[str],
+    hiddens: list[torch.Tensor],
+    kwargs: dict,
+    prefix: str,
+    stop_early: bool,
+) -> dict[str, torch.Tensor]:
+    """Hessians of the named sub-layers over all calibration windows, from one pass of the block.
+
+    With ``stop_early`` the pass ends at the last named layer (the rest of the block is not needed).
+    """
+    modules = dict(block.named_modules())
+    accs: dict[str, HessianAccumulator] = {}
+    hooks = []
+    for name in names:
+        w = _weight_of(modules[name])
+        accs[name] = HessianAccumulator(w.shape[1], w.device, f"{prefix}.{name}")
+
+        def hook(_m, args, _out, acc=accs[name], stop=name == names[-1] and stop_early):
+            acc.add(args[0])
+            if stop:
+                raise _StopForward
+
+        hooks.append(modules[name].register_forward_hook(hook))
+    try:
+        _run_block(block, hiddens, kwargs, hooks_stop=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: acc.h for name, acc in accs.items()}
+
+
 def quantize_block(
     block: nn.Module,
     names: list[str],
@@ -259,34 +295,22 @@ def quantize_block(
     kwargs: dict,
     config: BaqConfig,
     prefix: str,
+    layer_bits: dict[str, float] | None = None,
 ) -> dict[str, LayerResult]:
-    """Quantize the listed sub-layers of one block, group by group in execution order."""
+    """Quantize the listed sub-layers of one block, group by group in execution order.
+
+    ``layer_bits`` (name -> target mean bits) overrides config.bits per layer (a model-wide budget).
+    """
     modules = dict(block.named_modules())
     spec = config.solver_spec()
     groups = _layer_groups(block, names, hiddens[0], kwargs) if config.true_sequential else [names]
     results: dict[str, LayerResult] = {}
     for group in groups:
-        accs: dict[str, HessianAccumulator] = {}
-        hooks = []
+        hessians = collect_hessians(block, group, hiddens, kwargs, prefix, stop_early=config.true_sequential)
         for name in group:
             mod = modules[name]
-            w = _weight_of(mod)
-            accs[name] = HessianAccumulator(w.shape[1], w.device, f"{prefix}.{name}")
-
-            def hook(_m, args, _out, acc=accs[name], stop=name == group[-1] and config.true_sequential):
-                acc.add(args[0])
-                if stop:
-                    raise _StopForward
-
-            hooks.append(mod.register_forward_hook(hook))
-        try:
-            _run_block(block, hiddens, kwargs, hooks_stop=True)
-        finally:
-            for h in hooks:
-                h.remove()
-        for name in group:
-            mod = modules[name]
-            result = quantize_weight(_weight_of(mod), accs[name].h, spec, f"{prefix}.{name}")
+            layer_spec = spec if layer_bits is None else dataclasses.replace(spec, bits=layer_bits[name])
+            result = quantize_weight(_weight_of(mod), hessians[name], layer_spec, f"{prefix}.{name}")
             _set_weight(mod, result.q.to(mod.weight.device))
             results[name] = result
             s = result.stats
@@ -350,6 +374,87 @@ def _warn_if_calibration_too_small(plan: QuantizationPlan, windows: torch.Tensor
         )
 
 
+def gradient_energies(model: nn.Module, plan: QuantizationPlan, windows: torch.Tensor) -> dict[str, float]:
+    """Mean squared gradient of the calibration loss w.r.t. every planned layer's outputs (one backward
+    pass per window, where the model is): the Fisher weight of the model-wide budget."""
+    names = [f"{plan.blocks_name}.{i}.{n}" for i, layer_names in enumerate(plan.layers) for n in layer_names]
+    sums = dict.fromkeys(names, 0.0)
+    counts = dict.fromkeys(names, 0)
+    hooks = []
+    for name in names:
+
+        def hook(_m, _grad_in, grad_out, name=name):
+            g = grad_out[0].detach().float()
+            sums[name] += float((g * g).sum())
+            counts[name] += g.numel()
+
+        hooks.append(model.get_submodule(name).register_full_backward_hook(hook))
+    embed = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))
+    device = next(model.parameters()).device
+    try:
+        with torch.enable_grad():
+            for s in range(windows.shape[0]):
+                ids = windows[s : s + 1].to(device)
+                model(ids, labels=ids, use_cache=False).loss.backward()
+    finally:
+        embed.remove()
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    return {n: sums[n] / max(counts[n], 1) for n in names}
+
+
+def measure_model(
+    model: nn.Module, plan: QuantizationPlan, windows: torch.Tensor, config: BaqConfig, device: torch.device
+) -> dict[str, budget.LayerMeasurement]:
+    """The model-wide budget's first pass: every layer's error table on the float model, block by block."""
+    spec = config.solver_spec()
+    gradients = gradient_energies(model, plan, windows)
+    hiddens, block_kwargs = capture_block_inputs(model, plan.blocks, windows, device)
+    measurements: dict[str, budget.LayerMeasurement] = {}
+    for i, block in enumerate(plan.blocks):
+        home = next(block.parameters()).device
+        block.to(device)
+        kwargs = _move(block_kwargs[i], device)
+        prefix = f"{plan.blocks_name}.{i}"
+        hessians = collect_hessians(block, plan.layers[i], hiddens, kwargs, prefix, stop_early=False)
+        for name, h in hessians.items():
+            full = f"{prefix}.{name}"
+            w = _weight_of(block.get_submodule(name))
+            errors, energy = budget.measure_layer(w, h, spec, full)
+            measurements[full] = budget.LayerMeasurement(errors, w.shape[0], energy, gradients[full])
+        hiddens = _run_block(block, hiddens, kwargs)
+        block.to(home)
+    return measurements
+
+
+def _model_budget(model, plan, windows, config, device) -> dict[str, float]:
+    """Per-layer target bits under budget="model", measuring (or loading the saved measurement) first."""
+    settings = {
+        k: getattr(config, k)
+        for k in (
+            "group_size",
+            "sym",
+            "act_order",
+            "damp_percent",
+            "min_bits",
+            "max_bits",
+            "num_samples",
+            "seqlen",
+            "seed",
+        )
+    }
+    settings["layers"] = sum(len(n) for n in plan.layers)
+    path = config.budget_measurement
+    if path is not None and Path(path).is_file():
+        measurements = budget.load(path, settings)
+    else:
+        measurements = measure_model(model, plan, windows, config, device)
+        if path is not None:
+            budget.save(path, measurements, settings)
+    return budget.solve(measurements, config.bits, config.min_bits, config.budget_weighting)
+
+
 def quantize_model(model: nn.Module, windows: torch.Tensor, config: BaqConfig, progress: bool = True) -> dict:
     """Quantize every planned layer of ``model`` in place; returns a per-layer report."""
     start = time.perf_counter()
@@ -363,6 +468,9 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, config: BaqConfig, p
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
+        layer_bits = None
+        if config.budget == "model":
+            layer_bits = _model_budget(model, plan, windows, config, device)
         hiddens, block_kwargs = capture_block_inputs(model, plan.blocks, windows, device)
         report: dict[str, Any] = {"layers": {}, "skipped": plan.skipped}
         first = 0
@@ -377,7 +485,12 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, config: BaqConfig, p
             kwargs = _move(block_kwargs[i], device)
             hiddens = [h.to(device) for h in hiddens]
             prefix = f"{plan.blocks_name}.{i}"
-            results = quantize_block(block, plan.layers[i], hiddens, kwargs, config, prefix)
+            bits_here = (
+                None
+                if layer_bits is None
+                else {name: layer_bits[f"{prefix}.{name}"] for name in plan.layers[i]}
+            )
+            results = quantize_block(block, plan.layers[i], hiddens, kwargs, config, prefix, bits_here)
             hiddens = _run_block(block, hiddens, kwargs)
             for name, result in results.items():
                 _set_module(block, name, to_baq_linear(block.get_submodule(name), result, config.group_size))

@@ -11,10 +11,12 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .budget import WEIGHTINGS
 from .format import MAX_BITS
 from .gptq import SolverSpec
 
 ALLOCATIONS = ("baq", "grid", "paper", "measured", "uniform")
+BUDGETS = ("layer", "model")
 
 
 class BaqConfig(QuantizationConfigMixin):
@@ -41,6 +43,13 @@ class BaqConfig(QuantizationConfigMixin):
             the embeddings are never quantized.
         clip_search: search a clipped range per row (or group) that minimises the Hessian-diagonal-
             weighted rounding error at the allocated bitwidths, instead of the min/max range.
+        budget: "layer" (every layer gets ``bits`` on average) or "model" (the mean over all quantized
+            weights is ``bits``; a first pass on the float model decides how bits move between layers).
+        budget_weighting: how "model" prices a layer's output error: "fisher" (squared gradients of
+            the calibration loss w.r.t. the layer's outputs, one backward pass) or "relative" (its
+            output error relative to its output energy).
+        budget_measurement: a file where "model" saves its first pass (or reads it, if it exists and
+            was made with the same settings), so another ``bits`` is solved without measuring again.
         compare_uniform: also run uniform GPTQ on every layer to report the measured Ratio_L.
         true_sequential: quantize the sub-layers of a block in execution order, each on the inputs
             produced by the already-quantized ones.
@@ -66,6 +75,9 @@ class BaqConfig(QuantizationConfigMixin):
         seed: int = 0,
         modules_to_not_convert: list[str] | None = None,
         clip_search: bool = False,
+        budget: str = "layer",
+        budget_weighting: str = "fisher",
+        budget_measurement: str | None = None,
         compare_uniform: bool = False,
         true_sequential: bool = True,
         resume_dir: str | None = None,
@@ -88,6 +100,9 @@ class BaqConfig(QuantizationConfigMixin):
         self.seed = seed
         self.modules_to_not_convert = modules_to_not_convert
         self.clip_search = clip_search
+        self.budget = budget
+        self.budget_weighting = budget_weighting
+        self.budget_measurement = budget_measurement
         self.compare_uniform = compare_uniform
         self.true_sequential = true_sequential
         self.resume_dir = resume_dir
@@ -107,6 +122,17 @@ class BaqConfig(QuantizationConfigMixin):
 
         if self.allocation not in ALLOCATIONS:
             fail("allocation", f"use one of {list(ALLOCATIONS)}")
+        if self.budget not in BUDGETS:
+            fail("budget", f"use one of {list(BUDGETS)}")
+        if self.budget == "model" and self.allocation not in ("baq", "grid"):
+            fail(
+                "budget",
+                "a model-wide budget re-allocates every layer's columns: use allocation 'baq' or 'grid'",
+            )
+        if self.budget_weighting not in WEIGHTINGS:
+            fail("budget_weighting", f"use one of {list(WEIGHTINGS)}")
+        if self.budget_measurement is not None and not isinstance(self.budget_measurement, (str, Path)):
+            fail("budget_measurement", "give a file path or None")
         for field in ("min_bits", "max_bits", "group_size", "block_size", "num_samples", "seqlen", "seed"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):

@@ -326,8 +326,7 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, spec: SolverSpec, name: st
     _add_ratios(stats, "ratio_l_model", model_ratios)
     if spec.compare_uniform:
         uniform = {
-            r: output_loss(prep, solve(prep, alloc.allocate_uniform(n, r), spec).q)
-            for r in model_ratios
+            r: output_loss(prep, solve(prep, alloc.allocate_uniform(n, r), spec).q) for r in model_ratios
         }
         _add_ratios(stats, "uniform_loss", uniform)
         _add_ratios(stats, "ratio_l", {r: loss / u if u > 0 else float("nan") for r, u in uniform.items()})

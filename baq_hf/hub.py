@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .report import REPORT_FILE, histogram_text, to_json
+from .report import REPORT_FILE, histogram_text, ratio_text, to_json
 
 if TYPE_CHECKING:
     from torch import nn
@@ -256,7 +256,8 @@ def model_card(
         "<details><summary>Per-layer bits</summary>",
         "",
         "Ratio_C = GM(C)/AM(C) is the loss ratio BAQ predicts against uniform bits; Ratio_L is the measured "
-        "ratio (only when quantized with `compare_uniform=True`). Histogram: `bits:columns`.",
+        "ratio (only when quantized with `compare_uniform=True`; at a fractional target, against both "
+        "integer neighbours). Histogram: `bits:columns`.",
         "",
         "| layer | shape | code bits | effective bits | Ratio_C | Ratio_L | histogram |",
         "|---|---|---:|---:|---:|---:|---|",
@@ -266,7 +267,8 @@ def model_card(
         hist_cols = layer.column_bits().bincount().tolist()
         lines.append(
             f"| {name} | {layer.out_features}x{layer.in_features} | {layer.code_bits:.3f} | "
-            f"{layer.effective_bits:.3f} | {_fmt(s.get('ratio_c'))} | {_fmt(s.get('ratio_l'))} | "
+            f"{layer.effective_bits:.3f} | {_fmt(s.get('ratio_c'))} | "
+            f"{ratio_text(s.get('ratio_l'), s.get('ratio_l_vs'))} | "
             f"{histogram_text(hist_cols)} |"
         )
     lines += ["", "</details>", ""]

@@ -60,6 +60,9 @@ class LayerInfo:
     ratio_c: float | None = None
     ratio_l: float | None = None  # measured (compare_uniform=True)
     ratio_l_model: float | None = None  # from the sensitivity model, always available after calibration
+    # at a fractional target no uniform run has the same storage: the ratios to both integer neighbours
+    ratio_l_vs: dict[str, float] | None = None
+    ratio_l_model_vs: dict[str, float] | None = None
 
     @property
     def n_weights(self) -> int:
@@ -260,6 +263,8 @@ def summarize(folder: str | Path) -> CheckpointSummary:
             layer.ratio_c = _num(entry.get("ratio_c"))
             layer.ratio_l = _num(entry.get("ratio_l"))
             layer.ratio_l_model = _num(entry.get("ratio_l_model"))
+            layer.ratio_l_vs = _neighbours(entry.get("ratio_l_vs"))
+            layer.ratio_l_model_vs = _neighbours(entry.get("ratio_l_model_vs"))
     layers.sort(key=lambda la: (_natural_key(la.name)[:-1], order.get(la.name, len(order)), la.name))
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     qconfig: dict[str, Any] = {}
@@ -290,6 +295,20 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _neighbours(value: Any) -> dict[str, float] | None:
+    """A report's {"2": ratio, "3": ratio} entry, with its numbers checked (reports are untrusted)."""
+    if not isinstance(value, dict):
+        return None
+    return {str(k): v for k, v in ((k, _num(v)) for k, v in value.items()) if v is not None} or None
+
+
+def ratio_text(value: float | None, by_neighbour: dict[str, float] | None) -> str:
+    """A Ratio_L cell: one number at an integer target, "2:x 3:y" against both neighbours otherwise."""
+    if value is None and by_neighbour:
+        return " ".join(f"{bits}:{_fmt(r)}" for bits, r in sorted(by_neighbour.items()))
+    return _fmt(value)
+
+
 def human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -318,8 +337,8 @@ def format_table(summary: CheckpointSummary) -> str:
             _fmt(layer.code_bits),
             _fmt(layer.effective_bits),
             _fmt(layer.ratio_c),
-            _fmt(layer.ratio_l),
-            _fmt(layer.ratio_l_model),
+            ratio_text(layer.ratio_l, layer.ratio_l_vs),
+            ratio_text(layer.ratio_l_model, layer.ratio_l_model_vs),
             histogram_text(layer.bit_histogram),
         ]
         for layer in summary.layers
@@ -342,7 +361,7 @@ def format_table(summary: CheckpointSummary) -> str:
         f"{histogram_text(summary.weight_histogram())})"
     )
     out.append(f"effective bits:       {_fmt(summary.effective_bits)}  (codes, header, ranges, index, bias)")
-    if summary.layers and all(layer.ratio_l is None for layer in summary.layers):
+    if summary.layers and all(layer.ratio_l is None and not layer.ratio_l_vs for layer in summary.layers):
         out.append("Ratio_L (measured):   not in the report (quantize with --compare-uniform to measure it)")
     out.append("files:")
     for name, size in summary.files.items():
@@ -454,21 +473,39 @@ def plot_summary(summary: CheckpointSummary, outdir: str | Path) -> list[Path]:
     written.append(_save(fig, outdir / "bit_histogram_by_type.png", plt))
 
     # 3. Ratio_C vs Ratio_L (paper Fig. 2-3)
-    measured = all(layer.ratio_l is not None for layer in summary.layers)
+    measured = all(layer.ratio_l is not None or layer.ratio_l_vs for layer in summary.layers)
+
+    def ratios(layer: LayerInfo) -> dict[str, float | None]:
+        """Ratio_L by uniform baseline: "" at an integer target, each integer neighbour otherwise."""
+        value, vs = (
+            (layer.ratio_l, layer.ratio_l_vs) if measured else (layer.ratio_l_model, layer.ratio_l_model_vs)
+        )
+        return {"": value} if value is not None or not vs else {f" vs {b} bits": r for b, r in vs.items()}
+
     pairs = [
-        (layer, layer.ratio_c, layer.ratio_l if measured else layer.ratio_l_model) for layer in summary.layers
+        (layer, layer.ratio_c, r, suffix) for layer in summary.layers for suffix, r in ratios(layer).items()
     ]
-    pairs = [(la, c, r) for la, c, r in pairs if c is not None and r is not None and math.isfinite(c * r)]
+    pairs = [
+        (la, c, r, s) for la, c, r, s in pairs if c is not None and r is not None and math.isfinite(c * r)
+    ]
     if pairs:
         fig, ax = plt.subplots(figsize=(5.5, 5.5))
         cmap = plt.get_cmap("tab10")
+        markers = dict(zip(sorted({s for *_, s in pairs}), "o^sv", strict=False))
         for i, t in enumerate(types):
-            pts = [(c, r) for la, c, r in pairs if la.layer_type == t]
-            if pts:
-                ax.scatter(
-                    [c for c, _ in pts], [r for _, r in pts], s=22, label=t, color=cmap(i % 10), alpha=0.8
-                )
-        hi = max(1.0, *(max(c, r) for _, c, r in pairs)) * 1.02
+            for suffix, marker in markers.items():
+                pts = [(c, r) for la, c, r, s in pairs if la.layer_type == t and s == suffix]
+                if pts:
+                    ax.scatter(
+                        [c for c, _ in pts],
+                        [r for _, r in pts],
+                        s=22,
+                        marker=marker,
+                        label=t + suffix,
+                        color=cmap(i % 10),
+                        alpha=0.8,
+                    )
+        hi = max(1.0, *(max(c, r) for _, c, r, _ in pairs)) * 1.02
         ax.plot([0, hi], [0, hi], color="grey", lw=1, ls="--", label="y = x")
         ax.set_xlim(0, hi)
         ax.set_ylim(0, hi)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import platform
 import statistics
@@ -122,6 +123,37 @@ def _seed_runs(record: dict) -> dict[str, dict]:
     return record.get("seeds") or {"0": {"ppl": record["ppl"], "seconds": record.get("seconds", 0)}}
 
 
+def _load(out_json: Path) -> dict[str, dict]:
+    return json.loads(out_json.read_text())["records"] if out_json.exists() else {}
+
+
+def _store(
+    out_json: Path,
+    meta: dict,
+    name: str,
+    fields: dict,
+    seed: int | None,
+    run: dict,
+    totals: dict | None = None,
+) -> None:
+    """Add one run to quality.json and rewrite quality.md, under a lock: several processes may run at once
+    (each on one core), and each must see the others' results."""
+    with open(out_json.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = _load(out_json)
+        record = records.get(name) if records.get(name, {}).get("config") == fields else None
+        record = record or {"name": name, "config": fields}
+        if seed is None:
+            record.update(run)
+        else:
+            runs = _seed_runs(record) if "ppl" in record else {}
+            runs[str(seed)] = run
+            record.update(seeds=runs, ppl=runs[min(runs, key=int)]["ppl"], **(totals or {}))
+        records[name] = record
+        out_json.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        write_markdown(list(records.values()), meta)
+
+
 def write_markdown(records: list[dict], meta: dict) -> None:
     lines = [
         "# Quality: SmolLM2-135M-Instruct, fp vs uniform GPTQ vs BAQ",
@@ -179,7 +211,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_json = RESULTS / "quality.json"
-    saved = {} if args.fresh or not out_json.exists() else json.loads(out_json.read_text())
+    if args.fresh:
+        out_json.unlink(missing_ok=True)
     meta = {
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
         # runs are added to quality.json one --only at a time: each row is `... --only NAME`
@@ -190,17 +223,13 @@ def main() -> None:
             f"first {args.eval_windows} windows of {args.seqlen} tokens of each eval set, fp32 on CPU"
         ),
     }
-    records: dict[str, dict] = saved.get("records", {})
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     windows: dict[tuple[int, int], torch.Tensor] = {}  # by (number of windows, seed)
-    if "fp" not in records:
-        records["fp"] = {
-            "name": "fp",
-            "config": {},
-            "ppl": evaluate_all(base, tokenizer, args.seqlen, args.eval_windows),
-        }
+    if "fp" not in _load(out_json):
+        fp = evaluate_all(base, tokenizer, args.seqlen, args.eval_windows)
+        _store(out_json, meta, "fp", {}, None, {"ppl": fp})
     for name in args.only:
         fields = RUNS[name]
         for seed in args.seeds:
@@ -213,23 +242,10 @@ def main() -> None:
             report = quantize_model(model, windows[key], config, progress=False)
             seconds = time.perf_counter() - start
             ppl = evaluate_all(dense_copy(model), tokenizer, args.seqlen, args.eval_windows)
-            stats = list(report["layers"].values())
-            record = records.get(name) if records.get(name, {}).get("config") == fields else None
-            record = record or {"name": name, "config": fields}
-            runs = _seed_runs(record) if "ppl" in record else {}
-            runs[str(seed)] = {"ppl": ppl, "seconds": seconds}
-            record.update(
-                seeds=runs,
-                ppl=runs[min(runs, key=int)]["ppl"],
-                mean_ratio_c=statistics.fmean(s["ratio_c"] for s in stats),
-                **layer_totals(model),
-            )
-            records[name] = record
+            stats = report["layers"].values()
+            totals = {"mean_ratio_c": statistics.fmean(s["ratio_c"] for s in stats), **layer_totals(model)}
+            _store(out_json, meta, name, fields, seed, {"ppl": ppl, "seconds": seconds}, totals)
             print(name, seed, json.dumps(ppl), f"{seconds:.0f}s", flush=True)
-            out_json.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-            write_markdown(list(records.values()), meta)
-    out_json.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-    write_markdown(list(records.values()), meta)
 
 
 if __name__ == "__main__":

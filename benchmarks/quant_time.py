@@ -36,7 +36,15 @@ from baq_hf.models import smollm2_path
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 SETTINGS = {"3 bits, per row": dict(bits=3), "2 bits, group 64": dict(bits=2, group_size=64)}
-ALLOCATIONS = ("uniform", "baq", "measured")
+# name -> BaqConfig fields; every ratio is taken against "uniform" and against "baq" of the same round
+VARIANTS: dict[str, dict] = {
+    "uniform": dict(allocation="uniform"),
+    "baq": dict(allocation="baq"),
+    "measured": dict(allocation="measured"),
+    "grid": dict(allocation="grid"),
+    "baq + clip_search": dict(allocation="baq", clip_search=True),
+    "grid + clip_search": dict(allocation="grid", clip_search=True),
+}
 
 
 def time_one(base, windows, config: BaqConfig) -> dict[str, float]:
@@ -55,13 +63,14 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         f"Protocol: {meta['protocol']}. Runs interleaved; times are medians of {meta['repeats']} runs, "
         "ratios are medians of the ratios within each round.",
         "",
-        "| setting | allocation | wall s (median) | solver s (median) | wall / uniform | solver / uniform |",
-        "|---|---|---:|---:|---:|---:|",
+        "| setting | variant | wall s (median) | solver s (median) | wall / uniform | solver / uniform | "
+        "wall / baq |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['setting']} | {r['allocation']} | {r['wall_s']:.1f} | {r['solver_s']:.1f} | "
-            f"{r['wall_ratio']:.3f}x | {r['solver_ratio']:.3f}x |"
+            f"| {r['setting']} | {r['variant']} | {r['wall_s']:.1f} | {r['solver_s']:.1f} | "
+            f"{r['wall_ratio']:.3f}x | {r['solver_ratio']:.3f}x | {r['wall_ratio_baq']:.3f}x |"
         )
     lines += ["", f"Peak resident memory of the process: {meta['peak_rss_mib']:.0f} MiB.", ""]
     path.write_text("\n".join(lines))
@@ -84,21 +93,23 @@ def main() -> None:
     times: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.repeats):
         for setting, fields in SETTINGS.items():
-            for allocation in ALLOCATIONS:
-                config = BaqConfig(
-                    num_samples=args.num_samples, seqlen=args.seqlen, allocation=allocation, **fields
-                )
+            for variant, extra in VARIANTS.items():
+                config = BaqConfig(num_samples=args.num_samples, seqlen=args.seqlen, **fields, **extra)
                 run = time_one(base, windows, config)
-                times.setdefault((setting, allocation), []).append(run)
-                print(setting, allocation, json.dumps(run), flush=True)
+                times.setdefault((setting, variant), []).append(run)
+                print(setting, variant, json.dumps(run), flush=True)
     rows = []
-    for (setting, allocation), runs in times.items():
+    for (setting, variant), runs in times.items():
         ref = times[(setting, "uniform")]
+        baq = times[(setting, "baq")]
         # ratios within each repeat (runs close in time), then the median over repeats
         rows.append(
             {
                 "setting": setting,
-                "allocation": allocation,
+                "variant": variant,
+                "wall_ratio_baq": statistics.median(
+                    r["wall_s"] / b["wall_s"] for r, b in zip(runs, baq, strict=True)
+                ),
                 "wall_s": statistics.median(r["wall_s"] for r in runs),
                 "solver_s": statistics.median(r["solver_s"] for r in runs),
                 "wall_ratio": statistics.median(

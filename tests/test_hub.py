@@ -138,7 +138,9 @@ def test_card_body(pushed, quantized):
     names = [n for n, m in quantized.named_modules() if isinstance(m, BaqLinear)]
     assert [row.split(" | ")[0][2:] for row in rows] == names
     stats = quantized.baq_report["layers"][names[0]]
-    assert f"{stats['ratio_c']:.3f}" in rows[0] and f"{stats['ratio_l']:.3f}" in rows[0]
+    # 2.25 bits: Ratio_L is measured against uniform 2 and 3 bits
+    vs = stats["ratio_l_vs"]
+    assert f"{stats['ratio_c']:.3f}" in rows[0] and f"2:{vs['2']:.3f} 3:{vs['3']:.3f}" in rows[0]
 
 
 def test_card_without_base_model_or_perplexities(quantized):
