@@ -17,6 +17,22 @@ from . import format as fmt
 SHRINK_FACTORS = tuple(1.0 - 0.025 * k for k in range(21))
 
 
+def round_to_grid(
+    w: torch.Tensor, bits: torch.Tensor, range_min: torch.Tensor, range_max: torch.Tensor
+) -> torch.Tensor:
+    """Round ``w`` (M x g) to nearest, column j on its bits[j]-bit grid of the given fp16 ranges.
+
+    The ranges broadcast against ``w`` (M x 1 for one range per row, M x g for one per entry);
+    0-bit columns round to 0.
+    """
+    scale, zero = fmt.grid(range_min, range_max, bits.unsqueeze(0))
+    maxq = ((torch.ones_like(bits) << bits) - 1).to(w.dtype)
+    live = bits > 0
+    safe_scale = torch.where(live, scale, torch.ones_like(scale))
+    codes = torch.minimum(torch.clamp(torch.round(w / safe_scale) + zero, min=0.0), maxq)
+    return torch.where(live, fmt.dequantize_codes(codes, scale, zero), torch.zeros_like(w))
+
+
 def weighted_rounding_error(
     w: torch.Tensor,
     bits: torch.Tensor,
@@ -27,28 +43,23 @@ def weighted_rounding_error(
     """Per row: sum_j weight_j (w_ij - q_ij)^2 with column j rounded at bits[j] on the row's range.
 
     ``w`` is M x g, ``bits`` and ``weight`` have g entries, the fp16 ranges have M entries (one per row).
-    0-bit columns round to 0 whatever the range.
     """
-    scale, zero = fmt.grid(range_min.unsqueeze(1), range_max.unsqueeze(1), bits.unsqueeze(0))
-    maxq = ((torch.ones_like(bits) << bits) - 1).to(w.dtype)
-    live = bits > 0
-    safe_scale = torch.where(live, scale, torch.ones_like(scale))
-    codes = torch.minimum(torch.clamp(torch.round(w / safe_scale) + zero, min=0.0), maxq)
-    q = torch.where(live, fmt.dequantize_codes(codes, scale, zero), torch.zeros_like(w))
+    q = round_to_grid(w, bits, range_min.unsqueeze(1), range_max.unsqueeze(1))
     return ((w - q) ** 2 * weight).sum(dim=1)
 
 
 def fit_ranges(
     w: torch.Tensor, bits: torch.Tensor, weight: torch.Tensor, sym: bool, search: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 (min, max) per row of ``w`` (M x g): min/max, or the best clipped range if ``search``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp16 (min, max) per row of ``w`` (M x g): min/max, or the best clipped range if ``search``;
+    and each row's weighted rounding error on the ranges returned."""
     mn0, mx0 = fmt.fit_range(w, sym)
-    if not search:
-        return mn0, mx0
     bits = bits.to(w.device)
     weight = weight.to(w.device, torch.float32)
     best_mn, best_mx = mn0.clone(), mx0.clone()
     best_err = weighted_rounding_error(w, bits, weight, mn0, mx0)
+    if not search:
+        return best_mn, best_mx, best_err
     for alpha in SHRINK_FACTORS[1:]:
         mn = (mn0.float() * alpha).half()
         mx = (mx0.float() * alpha).half()
@@ -58,4 +69,4 @@ def fit_ranges(
         best_err = torch.where(better, err, best_err)
         best_mn = torch.where(better, mn, best_mn)
         best_mx = torch.where(better, mx, best_mx)
-    return best_mn, best_mx
+    return best_mn, best_mx, best_err

@@ -81,6 +81,17 @@ RUNS: dict[str, dict] = {
     "g2gc": dict(bits=2, allocation="grid", group_size=64, clip_search=True),
     "u3gc": dict(bits=3, allocation="uniform", group_size=64, clip_search=True),
     "g3gc": dict(bits=3, allocation="grid", group_size=64, clip_search=True),
+    "b3gc": dict(bits=3, allocation="baq", group_size=64, clip_search=True),
+    # Quality II: one bit budget for the whole model (weights: Fisher or relative output error)
+    "bm3c-fisher": dict(
+        bits=3, allocation="baq", clip_search=True, budget="model", budget_weighting="fisher"
+    ),
+    "bm3c-relative": dict(
+        bits=3, allocation="baq", clip_search=True, budget="model", budget_weighting="relative"
+    ),
+    "gm2.5c-fisher": dict(
+        bits=2.5, allocation="grid", clip_search=True, budget="model", budget_weighting="fisher"
+    ),
     "u3gac": dict(bits=3, allocation="uniform", group_size=64, act_order=True, clip_search=True),
     "g3gac": dict(bits=3, allocation="grid", group_size=64, act_order=True, clip_search=True),
 }

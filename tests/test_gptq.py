@@ -1,9 +1,19 @@
+import dataclasses
+
 import pytest
 import torch
 
 from baq_hf import clipping
 from baq_hf.format import fit_range
-from baq_hf.gptq import HessianAccumulator, SolverSpec, prepare, quantize_weight
+from baq_hf.gptq import (
+    HessianAccumulator,
+    SolverSpec,
+    _guard_clipping,
+    prepare,
+    quantize_weight,
+    row_losses,
+    solve,
+)
 from baq_hf.linear import BaqLinear, pack_weight
 
 
@@ -169,9 +179,10 @@ def test_clip_search_never_increases_the_weighted_error(bits, sym):
     col_bits = torch.randint(max(bits - 1, 0), bits + 2, (40,), generator=g)
     weight = torch.rand(40, generator=g)
     mn0, mx0 = fit_range(w, sym)
-    mn, mx = clipping.fit_ranges(w, col_bits, weight, sym, search=True)
+    mn, mx, score = clipping.fit_ranges(w, col_bits, weight, sym, search=True)
     before = clipping.weighted_rounding_error(w, col_bits, weight, mn0, mx0)
     after = clipping.weighted_rounding_error(w, col_bits, weight, mn, mx)
+    assert torch.equal(score, after)
     assert mn.dtype == mx.dtype == torch.float16 and bool((mx > mn).all())
     assert bool((after <= before).all())
     if bits >= 2:
@@ -198,3 +209,24 @@ def test_group_ranges_see_the_pending_updates_of_their_block():
     assert torch.equal(aligned.bits, inside.bits)
     assert torch.allclose(aligned.range_max.float(), inside.range_max.float(), rtol=2e-3, atol=1e-4)
     assert torch.allclose(aligned.range_min.float(), inside.range_min.float(), rtol=2e-3, atol=1e-4)
+
+
+def test_rows_where_clipping_broke_gptq_fall_back_to_min_max_ranges():
+    w, h, _ = layer_problem(seed=6)
+    spec = SolverSpec(bits=3, clip_search=True)
+    prep = prepare(w, h, 0.01, False)
+    bits = torch.full((w.shape[1],), 3)
+    clipped = solve(prep, bits, spec)
+    kept = clipped.q.clone()
+    clipped.q[5] = 0.0  # an unstable row: its loss is far above its rounding score
+    guarded = _guard_clipping(prep, bits, spec, clipped)
+    # row 5 alone, on min/max ranges (GPTQ treats rows independently)
+    plain = solve(
+        dataclasses.replace(prep, w=prep.w[5:6]), bits, dataclasses.replace(spec, clip_search=False)
+    )
+    assert torch.equal(guarded.q[5], plain.q[0]) and torch.equal(guarded.codes[5], plain.codes[0])
+    assert torch.equal(guarded.range_min[5], plain.range_min[0])
+    assert torch.equal(guarded.range_max[5], plain.range_max[0])
+    # any other row is replaced only by a better one
+    others = torch.arange(w.shape[0]) != 5
+    assert bool((row_losses(prep, guarded.q)[others] <= row_losses(prep, kept)[others]).all())
