@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+from shared_data import c4_calibration_text  # benchmarks/shared_data.py, beside this script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import baq_hf  # noqa: F401  (registers the quantizer)
 from baq_hf import BaqConfig, BaqLinear
 from baq_hf.calibration import quantize_model
-from baq_hf.data import calibration_text_path, calibration_windows, resolve_eval_text
+from baq_hf.data import calibration_windows, resolve_eval_text
 from baq_hf.eval import perplexity
 from baq_hf.models import smollm2_path
 
@@ -171,7 +172,7 @@ def main() -> None:
         config = BaqConfig(**{"num_samples": args.num_samples, "seqlen": args.seqlen, **fields})
         n = config.num_samples
         if n not in windows:
-            windows[n] = calibration_windows(str(calibration_text_path()), tokenizer, n, args.seqlen, 0)
+            windows[n] = calibration_windows(c4_calibration_text(), tokenizer, n, args.seqlen, 0)
         model = copy.deepcopy(base)
         start = time.perf_counter()
         report = quantize_model(model, windows[n], config, progress=False)
