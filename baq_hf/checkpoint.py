@@ -24,17 +24,16 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .format import read_safetensors_header
 from .linear import BaqLinear
 
 if TYPE_CHECKING:
-    from .calibration import QuantizationPlan
     from .config import BaqConfig
 
 logger = logging.getLogger(__name__)
@@ -109,8 +108,7 @@ def _check_saved_folder(folder: Path) -> None:
     if not files:
         raise OSError(f"the save in {folder} wrote no safetensors weight file")
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
+        read_safetensors_header(path)
 
 
 def save_quantized(
@@ -183,6 +181,14 @@ def check_complete_folder(folder: str | os.PathLike) -> None:
 # resumable quantization
 
 
+class QuantizationPlan(Protocol):
+    """What resuming needs to know of the calibration driver's plan (calibration.QuantizationPlan)."""
+
+    blocks_name: str
+    blocks: nn.ModuleList
+    layers: list[list[str]]  # per block: names (relative to the block) of the layers to quantize
+
+
 def _sha256_tensor(t: torch.Tensor) -> str:
     t = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
@@ -214,12 +220,6 @@ def fingerprint_parts(
 
 def _digest(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 class ResumeState:
@@ -301,7 +301,6 @@ class ResumeState:
 
         Returns None when no block is finished (nothing to restore) or all of them are.
         """
-        group_size = int(self.parts["config"]["group_size"])
         for i in range(self.blocks_done):
             path = self._block_path(i)
             try:
@@ -319,9 +318,11 @@ class ResumeState:
             for name in plan.layers[i]:
                 full = f"{prefix}.{name}"
                 own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.rpartition(".")[0] == name}
-                old = block.get_submodule(name)
-                layer = _layer_from_tensors(own, group_size, old.weight.dtype, old.weight.device, full)
-                _set_module(block, name, layer)
+                try:
+                    layer = BaqLinear.from_tensors(own, full)
+                except (ValueError, RuntimeError) as exc:
+                    raise self._corrupt(f"{path.name}: {exc}") from exc
+                block.set_submodule(name, layer.to(block.get_submodule(name).weight.device))
                 if full not in self.layers:
                     raise self._corrupt(f"{STATE_FILE} has no report for {full}")
                 report["layers"][full] = self.layers[full]
@@ -365,22 +366,3 @@ class ResumeState:
             },
         )
         self._hidden_path(i).unlink(missing_ok=True)  # the inputs of the block just finished
-
-
-def _layer_from_tensors(
-    tensors: dict[str, torch.Tensor], group_size: int, dtype: torch.dtype, device: torch.device, name: str
-) -> BaqLinear:
-    required = {"weight", "bits_header", "perm", "range_min", "range_max"}
-    if not required <= set(tensors) or tensors["range_min"].dim() != 2 or tensors["weight"].dim() != 1:
-        raise ValueError(f"resume state of {name!r} lacks tensors or has bad shapes: {sorted(tensors)}")
-    layer = BaqLinear(
-        tensors["perm"].numel(),
-        tensors["range_min"].shape[0],
-        bias="bias" in tensors,
-        n_words=tensors["weight"].numel(),
-        group_size=group_size,
-        dtype=dtype,
-    )
-    layer.load_state_dict(tensors, strict=True)
-    layer.validate(name)
-    return layer.to(device)

@@ -23,26 +23,6 @@ from typing import Any
 from . import format as fmt
 
 REPORT_FILE = "baq_report.json"
-_HEADER = "bits_header"
-# Tensors a BaqLinear stores, i.e. what BaqLinear.storage_bytes() counts.
-_LAYER_TENSORS = ("weight", "bits_header", "perm", "range_min", "range_max", "group_index", "bias")
-_DTYPE_BYTES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-}
 
 
 @dataclass
@@ -156,34 +136,21 @@ def read_layers(folder: str | Path) -> list[LayerInfo]:
     """Every BaqLinear layer of a saved checkpoint, in checkpoint order, without building the model."""
     from safetensors import safe_open
 
-    tensors: dict[str, tuple[list[int], str]] = {}
-    headers: dict[str, Any] = {}
+    listing: dict[str, fmt.TensorInfo] = {}
+    file_of: dict[str, Path] = {}  # a sharded checkpoint may split one layer's tensors over files
     for path in safetensors_files(folder):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                sl = f.get_slice(key)
-                tensors[key] = (list(sl.get_shape()), sl.get_dtype())
-                if key.endswith("." + _HEADER):
-                    headers[key[: -len(_HEADER) - 1]] = f.get_tensor(key)
+        header = fmt.read_safetensors_header(path)
+        listing.update(header)
+        file_of.update(dict.fromkeys(header, path))
     layers = []
-    for module, header in headers.items():
-
-        def shape(t: str, module: str = module) -> list[int] | None:
-            entry = tensors.get(f"{module}.{t}")
-            return entry[0] if entry else None
-
-        perm, rmin = shape("perm"), shape("range_min")
-        if perm is None or rmin is None or len(perm) != 1 or len(rmin) != 2:
-            raise ValueError(f"checkpoint layer {module!r} lacks perm/range_min or has malformed shapes")
-        n_in, n_out, n_groups = perm[0], rmin[0], rmin[1]
+    for module, tensors in fmt.packed_layers(listing).items():
+        layout = fmt.PackedLayout.from_shapes({t: info.shape for t, info in tensors.items()}, module)
+        key = f"{module}.{fmt.HEADER_TENSOR}"
+        with safe_open(str(file_of[key]), framework="pt") as f:
+            header = f.get_tensor(key)
+        n_in, n_out = layout.in_features, layout.out_features
         bits = fmt.unpack_header(header, n_in)
-        if bits.numel() != n_in:
-            raise ValueError(f"checkpoint layer {module!r}: bits_header holds fewer than {n_in} columns")
-        nbytes = 0
-        for t in _LAYER_TENSORS:
-            entry = tensors.get(f"{module}.{t}")
-            if entry is not None:
-                nbytes += math.prod(entry[0]) * _DTYPE_BYTES.get(entry[1], 4)
+        nbytes = sum(tensors[t].nbytes for t in layout.specs())
         hist = [0] * (fmt.MAX_BITS + 1)
         for b, count in Counter(bits.tolist()).items():
             hist[int(b)] = count
@@ -192,7 +159,7 @@ def read_layers(folder: str | Path) -> list[LayerInfo]:
                 name=module,
                 out_features=n_out,
                 in_features=n_in,
-                group_size=n_in // n_groups if f"{module}.group_index" in tensors else -1,
+                group_size=layout.group_size,
                 code_bits=float(bits.double().mean()) if n_in else 0.0,
                 effective_bits=8.0 * nbytes / (n_out * n_in) if n_out * n_in else float("nan"),
                 storage_bytes=nbytes,

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from baq_hf import format as fmt
-from baq_hf.linear import BaqLinear, PackedWeight, pack_weight
+from baq_hf.format import PackedWeight, pack_weight
+from baq_hf.linear import BaqLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +122,7 @@ def random_baq_linear(
     Ranges are fitted to ``weight`` when given (so outputs have the model's scale), else random.
     By default the packed stream is drawn as random int32 words, which is exactly a stream of
     independent uniform codes of every width (pad bits are never read); ``exact_pack`` draws codes and
-    packs them with :func:`baq_hf.linear.pack_weight` instead (the same distribution, but slow on
+    packs them with :func:`baq_hf.format.pack_weight` instead (the same distribution, but slow on
     CPU for large layers: about 10 s for 11008 x 4096).
     """
     g = torch.Generator().manual_seed(seed)
@@ -153,7 +154,7 @@ def random_baq_linear(
             range_max=mx.half(),
             group_index=None if group_of_column is None else group_of_column[perm].to(torch.int32),
         )
-    return BaqLinear.from_packed(packed, bias, group_size, dtype).to(device)
+    return BaqLinear.from_packed(packed, None if bias is None else bias.to(dtype)).to(device)
 
 
 def layer_bytes(layer: BaqLinear) -> dict[str, int]:

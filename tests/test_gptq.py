@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from baq_hf.config import BaqConfig
+from baq_hf.format import pack_weight
 from baq_hf.gptq import HessianAccumulator, prepare, quantize_weight
-from baq_hf.linear import BaqLinear, pack_weight
+from baq_hf.linear import BaqLinear
 
 
 def reference_gptq(w, h, bits, group_size=-1, act_order=False, damp=0.01, blocksize=128):
@@ -87,12 +88,7 @@ def test_packed_layer_dequantizes_to_solver_output_bit_for_bit(allocation, group
     w, h, _ = layer_problem(seed=1)
     cfg = BaqConfig(bits=3, allocation=allocation, group_size=group_size, act_order=True)
     r = quantize_weight(w, h, cfg)
-    layer = BaqLinear.from_packed(
-        pack_weight(r.codes, r.bits, r.range_min, r.range_max, r.group_of_column),
-        None,
-        group_size,
-        torch.float32,
-    )
+    layer = BaqLinear.from_packed(pack_weight(r.codes, r.bits, r.range_min, r.range_max, r.group_of_column))
     layer.validate("test")
     assert torch.equal(layer.dequantize(), r.q)
     assert torch.equal(layer.column_bits(), r.bits)
