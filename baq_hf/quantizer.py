@@ -13,7 +13,12 @@ from transformers.quantizers.auto import register_quantizer
 
 from . import format as fmt
 from .calibration import QUANTIZABLE, quantize_model
-from .checkpoint import check_complete_folder
+from .checkpoint import (
+    check_complete_folder,
+    round_unquantized,
+    storage_state_dict,
+    unquantized_storage_dtype,
+)
 from .config import BaqConfig
 from .linear import BaqLinear
 
@@ -124,6 +129,9 @@ class BaqHfQuantizer(HfQuantizer):
             )
         self.report = quantize_model(model, windows, config)
         model.baq_report = self.report
+        storage = unquantized_storage_dtype(model.dtype, config.keep_float32)
+        if storage is not None:
+            round_unquantized(model, storage)
         return model
 
     def _dequantize(self, model, dtype=None):
@@ -150,6 +158,11 @@ class BaqHfQuantizer(HfQuantizer):
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
         return True
+
+    def get_state_dict_and_metadata(self, model):
+        """What ``save_pretrained`` writes: unquantized float tensors in 16 bits unless keep_float32."""
+        storage = unquantized_storage_dtype(model.dtype, self.quantization_config.keep_float32)
+        return (None if storage is None else storage_state_dict(model, storage)), {}
 
     @property
     def is_compileable(self) -> bool:

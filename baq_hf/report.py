@@ -58,6 +58,7 @@ class CheckpointSummary:
     folder: str
     layers: list[LayerInfo]
     files: dict[str, int]  # file name -> bytes
+    size: SizeOnDisk | None = None
     eval: dict[str, Any] = field(default_factory=dict)
     quantization_config: dict[str, Any] = field(default_factory=dict)
 
@@ -96,6 +97,7 @@ class CheckpointSummary:
                     "effective_bits": self.effective_bits,
                     "weight_histogram": self.weight_histogram(),
                     "files_bytes": sum(self.files.values()),
+                    **(self.size.to_dict() if self.size else {}),
                 },
                 "files": self.files,
                 "layers": [asdict(layer) for layer in self.layers],
@@ -132,16 +134,22 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def read_layers(folder: str | Path) -> list[LayerInfo]:
-    """Every BaqLinear layer of a saved checkpoint, in checkpoint order, without building the model."""
-    from safetensors import safe_open
-
+def _read_listing(folder: str | Path) -> tuple[dict[str, fmt.TensorInfo], dict[str, Path]]:
+    """Every stored tensor's shape and dtype, and the file holding it (shards may split a layer)."""
     listing: dict[str, fmt.TensorInfo] = {}
-    file_of: dict[str, Path] = {}  # a sharded checkpoint may split one layer's tensors over files
+    file_of: dict[str, Path] = {}
     for path in safetensors_files(folder):
         header = fmt.read_safetensors_header(path)
         listing.update(header)
         file_of.update(dict.fromkeys(header, path))
+    return listing, file_of
+
+
+def read_layers(folder: str | Path) -> list[LayerInfo]:
+    """Every BaqLinear layer of a saved checkpoint, in checkpoint order, without building the model."""
+    from safetensors import safe_open
+
+    listing, file_of = _read_listing(folder)
     layers = []
     for module, tensors in fmt.packed_layers(listing).items():
         layout = fmt.PackedLayout.from_shapes({t: info.shape for t, info in tensors.items()}, module)
@@ -167,6 +175,61 @@ def read_layers(folder: str | Path) -> list[LayerInfo]:
             )
         )
     return layers
+
+
+@dataclass(frozen=True)
+class SizeOnDisk:
+    """A saved model's weight files next to its float original stored at 16 bits per parameter."""
+
+    safetensors_bytes: int  # all *.safetensors files of the folder
+    float_parameters: int  # parameters of the model before quantization, tied weights once
+    unquantized_dtypes: tuple[str, ...]  # safetensors dtypes of the float tensors stored unquantized
+
+    @property
+    def original_16bit_bytes(self) -> int:
+        return 2 * self.float_parameters
+
+    @property
+    def ratio(self) -> float:
+        return self.safetensors_bytes / self.original_16bit_bytes if self.float_parameters else float("nan")
+
+    def text(self) -> str:
+        """E.g. ``64.10 MiB on disk, 0.24x the 16-bit original (256.60 MiB)``."""
+        return (
+            f"{human_bytes(self.safetensors_bytes)} on disk, {_fmt(self.ratio, 2)}x the 16-bit original "
+            f"({human_bytes(self.original_16bit_bytes)})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "safetensors_bytes": self.safetensors_bytes,
+            "original_16bit_bytes": self.original_16bit_bytes,
+            "ratio": self.ratio,
+            "float_parameters": self.float_parameters,
+            "unquantized_dtypes": list(self.unquantized_dtypes),
+        }
+
+
+def size_on_disk(folder: str | Path) -> SizeOnDisk:
+    """Size of a saved checkpoint's weights and of its float original at 2 bytes per parameter.
+
+    The original's parameters are counted from the safetensors headers: out x in (and the bias) of
+    every packed layer, and every other float tensor (saved once even when tied).
+    """
+    listing, _ = _read_listing(folder)
+    params = 0
+    packed: set[str] = set()
+    for module, tensors in fmt.packed_layers(listing).items():
+        layout = fmt.PackedLayout.from_shapes({t: info.shape for t, info in tensors.items()}, module)
+        params += layout.out_features * layout.in_features + (layout.out_features if layout.has_bias else 0)
+        packed.update(f"{module}.{t}" for t in tensors)
+    dtypes = set()
+    for key, info in listing.items():
+        if key not in packed and info.torch_dtype.is_floating_point:
+            params += math.prod(info.shape)
+            dtypes.add(info.dtype)
+    total = sum(path.stat().st_size for path in safetensors_files(folder))
+    return SizeOnDisk(total, params, tuple(sorted(dtypes)))
 
 
 def _trim(hist: list[int]) -> list[int]:
@@ -240,6 +303,7 @@ def summarize(folder: str | Path) -> CheckpointSummary:
         folder=str(folder),
         layers=layers,
         files=files,
+        size=size_on_disk(folder),
         eval=report.get("eval", {}) if isinstance(report.get("eval"), dict) else {},
         quantization_config=qconfig,
     )
@@ -309,6 +373,9 @@ def format_table(summary: CheckpointSummary) -> str:
         f"{histogram_text(summary.weight_histogram())})"
     )
     out.append(f"effective bits:       {_fmt(summary.effective_bits)}  (codes, header, ranges, index, bias)")
+    if summary.size is not None:
+        dtypes = ", ".join(summary.size.unquantized_dtypes) or "none"
+        out.append(f"weights:              {summary.size.text()}; unquantized tensors stored as {dtypes}")
     if summary.layers and all(layer.ratio_l is None for layer in summary.layers):
         out.append("Ratio_L (measured):   not in the report (quantize with --compare-uniform to measure it)")
     out.append("files:")
