@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,8 @@ import torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,11 @@ EVAL_SETS: dict[str, EvalSet] = {
 # 1100-1999, disjoint from the C4 evaluation documents 0-1099.
 DEFAULT_CALIBRATION_RESOURCE = "c4_calibration_sample.txt"
 DATASETS_INSTALL_HINT = "pip install 'baq_hf[datasets]'"
+# BAQ_HF_QUICK_TEST=1 cuts every calibration and evaluation to a few short windows, so that the
+# documentation and examples run in seconds in CI (tests/test_docs.py); the numbers then mean nothing.
+QUICK_TEST_ENV = "BAQ_HF_QUICK_TEST"
+QUICK_TEST_WINDOWS = 2
+QUICK_TEST_SEQLEN = 64
 # owner/name, then optionally :config and @split (e.g. Salesforce/wikitext:wikitext-2-raw-v1@test)
 _HUB_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.\[\]:%+-]+))?")
 
@@ -232,6 +240,23 @@ def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor
     return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
 
 
+def quick_test_sizes(num_windows: int | None, seqlen: int) -> tuple[int | None, int]:
+    """``(num_windows, seqlen)``, cut to a few short windows while ``$BAQ_HF_QUICK_TEST`` is set."""
+    if os.environ.get(QUICK_TEST_ENV, "") in ("", "0"):
+        return num_windows, seqlen
+    logger.warning(
+        "%s is set: using at most %d windows of %d tokens instead of %s of %d (a quick test; results are "
+        "not meaningful)",
+        QUICK_TEST_ENV,
+        QUICK_TEST_WINDOWS,
+        QUICK_TEST_SEQLEN,
+        num_windows if num_windows is not None else "all",
+        seqlen,
+    )
+    capped = QUICK_TEST_WINDOWS if num_windows is None else min(num_windows, QUICK_TEST_WINDOWS)
+    return capped, min(seqlen, QUICK_TEST_SEQLEN)
+
+
 def _check_sizes(num_samples: int, seqlen: int) -> None:
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
@@ -299,9 +324,11 @@ def calibration_windows(
     ``[0, n_tokens - seqlen]`` with a ``torch.Generator`` seeded by ``seed``, as GPTQ does, so windows
     may overlap. Pre-tokenized rows are cut into non-overlapping windows of ``seqlen`` (a remainder
     shorter than ``seqlen`` is dropped) and the first ``num_samples`` windows, row by row, are used;
-    ``seed`` does not matter there.
+    ``seed`` does not matter there. ``$BAQ_HF_QUICK_TEST`` cuts ``num_samples`` and ``seqlen`` (see
+    :func:`quick_test_sizes`).
     """
     _check_sizes(num_samples, seqlen)
+    num_samples, seqlen = quick_test_sizes(num_samples, seqlen)  # type: ignore[assignment]
     if _is_token_ids(dataset):
         return _windows_from_ids(dataset, num_samples, seqlen)  # type: ignore[arg-type]
 

@@ -380,6 +380,20 @@ def test_missing_wheel_names_the_fix(monkeypatch):
         models.resolve_model("smollm2-135m")
 
 
+def test_missing_gguf_names_the_demo_extra(tmp_path, monkeypatch):
+    gguf = tmp_path / models.SMOLLM2_GGUF
+    gguf.write_bytes(b"GGUF placeholder")
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: gguf)
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name: None if name == "gguf" else real(name)
+    )
+    with pytest.raises(ImportError, match=re.escape(models.GGUF_INSTALL_HINT)):
+        models.smollm2_path(tmp_path / "model")
+    with pytest.raises(ImportError, match="needs the gguf package"):
+        models.smollm2_tokenizer_path(tmp_path / "tokenizer")
+
+
 def test_tokenizer_cache_is_atomic_and_idempotent(tmp_path, monkeypatch, tokenizer):
     """Cache logic without the 10 s GGUF read: the tokenizer load is replaced by the small one."""
     import transformers
