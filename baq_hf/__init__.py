@@ -7,11 +7,12 @@ Importing the package registers the "baq" quantization method with transformers,
 
 from transformers.quantizers.auto import register_quantization_config
 
+from . import models  # baq_hf.models.resolve_model("smollm2-135m"): the embedded demo model
 from .config import BaqConfig
 from .linear import BaqLinear
 from .quantizer import BaqHfQuantizer
 
 register_quantization_config("baq")(BaqConfig)
 
-__all__ = ["BaqConfig", "BaqHfQuantizer", "BaqLinear"]
+__all__ = ["BaqConfig", "BaqHfQuantizer", "BaqLinear", "models"]
 __version__ = "0.1.0"

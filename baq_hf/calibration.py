@@ -25,8 +25,9 @@ from transformers.pytorch_utils import Conv1D
 from . import budget
 from .checkpoint import ResumeState
 from .config import BaqConfig
+from .format import pack_weight
 from .gptq import HessianAccumulator, LayerResult, quantize_weight
-from .linear import BaqLinear, pack_weight
+from .linear import BaqLinear
 
 logger = logging.getLogger(__name__)
 
@@ -249,12 +250,6 @@ def _move(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 def collect_hessians(
     block: nn.Module,
     names: list[str],
@@ -327,12 +322,11 @@ def quantize_block(
     return results
 
 
-def to_baq_linear(module: nn.Module, result: LayerResult, group_size: int) -> BaqLinear:
+def to_baq_linear(module: nn.Module, result: LayerResult) -> BaqLinear:
     packed = pack_weight(
         result.codes, result.bits, result.range_min, result.range_max, result.group_of_column
     )
-    layer = BaqLinear.from_packed(packed, module.bias, group_size, module.weight.dtype)
-    return layer.to(module.weight.device)
+    return BaqLinear.from_packed(packed, module.bias).to(module.weight.device)
 
 
 def compute_device(model: nn.Module) -> torch.device:
@@ -493,7 +487,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, config: BaqConfig, p
             results = quantize_block(block, plan.layers[i], hiddens, kwargs, config, prefix, bits_here)
             hiddens = _run_block(block, hiddens, kwargs)
             for name, result in results.items():
-                _set_module(block, name, to_baq_linear(block.get_submodule(name), result, config.group_size))
+                block.set_submodule(name, to_baq_linear(block.get_submodule(name), result))
                 report["layers"][f"{prefix}.{name}"] = result.stats
             block.to(home)
             for h in hiddens:

@@ -23,18 +23,18 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .linear import BaqLinear
+from .format import read_safetensors_header
+from .linear import FIXED_DTYPE_BUFFERS, BaqLinear
 
 if TYPE_CHECKING:
-    from .calibration import QuantizationPlan
     from .config import BaqConfig
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,66 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# 16-bit storage of the tensors that are not quantized
+
+
+def unquantized_storage_dtype(model_dtype: torch.dtype, keep_float32: bool) -> torch.dtype | None:
+    """The dtype to store a model's unquantized float tensors in, or None to store them as they are.
+
+    A 16-bit model keeps its dtype; a wider one (float32) is stored in bfloat16, which has float32's
+    exponent range (no value overflows, unlike float16), unless ``keep_float32``.
+    """
+    if keep_float32 or model_dtype.itemsize <= 2:
+        return None
+    return torch.bfloat16
+
+
+def _unquantized_float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Float tensors of the state dict that are stored as they are: all but the BaqLinear ranges."""
+    fixed = {
+        f"{name}.{buffer}" if name else buffer
+        for name, module in model.named_modules()
+        if isinstance(module, BaqLinear)
+        for buffer in FIXED_DTYPE_BUFFERS
+    }
+    return {
+        key: t
+        for key, t in model.state_dict(keep_vars=True).items()
+        if key not in fixed and t.is_floating_point() and t.dtype.itemsize > 2
+    }
+
+
+def round_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """Make the in-memory model equal what a save in ``dtype`` stores, so evaluating it is honest.
+
+    BaqLinear biases are cast to ``dtype`` (a BaqLinear holds its tensors as stored); every other
+    unquantized float tensor keeps its dtype, for computation, and takes the value ``dtype`` stores.
+    """
+    for module in model.modules():
+        if isinstance(module, BaqLinear) and module.bias is not None:
+            module.bias.data = module.bias.data.to(dtype)
+    with torch.no_grad():
+        for t in _unquantized_float_tensors(model).values():
+            t.copy_(t.to(dtype))
+
+
+def storage_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with the unquantized float tensors cast to ``dtype``.
+
+    Tensors shared between keys (tied embeddings) stay shared, so they are still saved once.
+    """
+    state = model.state_dict()
+    cast: dict[int, torch.Tensor] = {}
+    for key in _unquantized_float_tensors(model):
+        t = state[key]
+        ptr = t.data_ptr()
+        if ptr not in cast or ptr == 0:  # 0: meta tensors share no storage
+            cast[ptr] = t.to(dtype)
+        state[key] = cast[ptr]
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
 # atomic save
 
 
@@ -109,18 +169,20 @@ def _check_saved_folder(folder: Path) -> None:
     if not files:
         raise OSError(f"the save in {folder} wrote no safetensors weight file")
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
+        read_safetensors_header(path)
 
 
 def save_quantized(
     model: nn.Module,
     out_dir: str | os.PathLike,
     tokenizer: Any = None,
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str] | Callable[[Path], dict[str, str]] | None = None,
     **save_kwargs: Any,
 ) -> Path:
     """Save ``model`` (and ``tokenizer``, and ``extra_files`` name -> text) to ``out_dir`` atomically.
+
+    ``extra_files`` may also be a function of the folder being written, called once the weights are in
+    it, so that a model card or report can describe the saved files (their size on disk).
 
     Everything is written into a temporary sibling folder, checked, synced to disk and then renamed to
     ``out_dir``; an existing ``out_dir`` is replaced only after the new folder is complete. If anything
@@ -128,8 +190,9 @@ def save_quantized(
     keyword arguments go to ``model.save_pretrained`` (e.g. ``max_shard_size``). Returns ``out_dir``.
     """
     out = Path(os.path.abspath(out_dir))
-    for name in extra_files or {}:
-        _check_extra_name(name)
+    if not callable(extra_files):
+        for name in extra_files or {}:
+            _check_extra_name(name)
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
@@ -143,7 +206,9 @@ def save_quantized(
         model.save_pretrained(tmp, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
+        extra = extra_files(tmp) if callable(extra_files) else extra_files or {}
+        for name, text in extra.items():
+            _check_extra_name(name)
             (tmp / name).write_text(text, encoding="utf-8")
         _check_saved_folder(tmp)
         for path in tmp.iterdir():
@@ -183,6 +248,14 @@ def check_complete_folder(folder: str | os.PathLike) -> None:
 # resumable quantization
 
 
+class QuantizationPlan(Protocol):
+    """What resuming needs to know of the calibration driver's plan (calibration.QuantizationPlan)."""
+
+    blocks_name: str
+    blocks: nn.ModuleList
+    layers: list[list[str]]  # per block: names (relative to the block) of the layers to quantize
+
+
 def _sha256_tensor(t: torch.Tensor) -> str:
     t = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
@@ -214,12 +287,6 @@ def fingerprint_parts(
 
 def _digest(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 class ResumeState:
@@ -301,7 +368,6 @@ class ResumeState:
 
         Returns None when no block is finished (nothing to restore) or all of them are.
         """
-        group_size = int(self.parts["config"]["group_size"])
         for i in range(self.blocks_done):
             path = self._block_path(i)
             try:
@@ -319,9 +385,11 @@ class ResumeState:
             for name in plan.layers[i]:
                 full = f"{prefix}.{name}"
                 own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.rpartition(".")[0] == name}
-                old = block.get_submodule(name)
-                layer = _layer_from_tensors(own, group_size, old.weight.dtype, old.weight.device, full)
-                _set_module(block, name, layer)
+                try:
+                    layer = BaqLinear.from_tensors(own, full)
+                except (ValueError, RuntimeError) as exc:
+                    raise self._corrupt(f"{path.name}: {exc}") from exc
+                block.set_submodule(name, layer.to(block.get_submodule(name).weight.device))
                 if full not in self.layers:
                     raise self._corrupt(f"{STATE_FILE} has no report for {full}")
                 report["layers"][full] = self.layers[full]
@@ -365,22 +433,3 @@ class ResumeState:
             },
         )
         self._hidden_path(i).unlink(missing_ok=True)  # the inputs of the block just finished
-
-
-def _layer_from_tensors(
-    tensors: dict[str, torch.Tensor], group_size: int, dtype: torch.dtype, device: torch.device, name: str
-) -> BaqLinear:
-    required = {"weight", "bits_header", "perm", "range_min", "range_max"}
-    if not required <= set(tensors) or tensors["range_min"].dim() != 2 or tensors["weight"].dim() != 1:
-        raise ValueError(f"resume state of {name!r} lacks tensors or has bad shapes: {sorted(tensors)}")
-    layer = BaqLinear(
-        tensors["perm"].numel(),
-        tensors["range_min"].shape[0],
-        bias="bias" in tensors,
-        n_words=tensors["weight"].numel(),
-        group_size=group_size,
-        dtype=dtype,
-    )
-    layer.load_state_dict(tensors, strict=True)
-    layer.validate(name)
-    return layer.to(device)

@@ -77,6 +77,37 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_evaluation_flags(group: Any, quantize: bool) -> None:
+    """The evaluation flags, named alike in ``quantize`` and ``eval``.
+
+    ``eval`` also accepts its former names (--dataset, --max-windows, --seqlen) as hidden aliases.
+    """
+    sets = (
+        f"comma-separated perplexity sets: {', '.join(EVAL_SETS)} (shipped with baq_hf), .txt/.jsonl "
+        "files or Hub dataset ids owner/name[:config][@split]"
+    )
+    if quantize:
+        sets += "; evaluates the float model first and the quantized model after"
+        group.add_argument("--eval", type=_csv, metavar="SETS", help=sets)
+    else:  # required here, also under its former name
+        names = group.add_mutually_exclusive_group(required=True)
+        names.add_argument("--eval", type=_csv, metavar="SETS", help=sets)
+        names.add_argument("--dataset", type=_csv, dest="eval", help=argparse.SUPPRESS)
+    group.add_argument(
+        "--eval-windows", type=_positive_int, metavar="N", help="evaluate only the first N windows (quick)"
+    )
+    group.add_argument(
+        "--eval-seqlen",
+        type=_positive_int,
+        metavar="N",
+        default=None if quantize else 2048,
+        help="tokens per evaluation window" + (" (default: --seqlen)" if quantize else ""),
+    )
+    if not quantize:
+        group.add_argument("--max-windows", type=_positive_int, dest="eval_windows", help=argparse.SUPPRESS)
+        group.add_argument("--seqlen", type=_positive_int, dest="eval_seqlen", help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree; every flag's help says what it does and its default."""
     from .config import ALLOCATIONS
@@ -88,7 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + field.replace("_", "-")
         group.add_argument(flag, type=type_, metavar=metavar, default=d[field], help=help_text)
 
-    sets = ", ".join(EVAL_SETS)
     parser = argparse.ArgumentParser(
         prog="baq-hf",
         description="BAQ for Hugging Face transformers: GPTQ quantization with per-column bitwidths.",
@@ -113,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--out", required=True, help="folder to save the quantized model to")
     q.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty folder")
+    q.add_argument(
+        "--keep-float32",
+        action="store_true",
+        help="save the tensors that are not quantized (embeddings, norms, biases) of a float32 model in "
+        "float32 (default: 16 bits, bfloat16)",
+    )
     g = q.add_argument_group("quantization")
     setting(g, "bits", float, "B", "target mean code bits per weight (e.g. 2.25)")
     g.add_argument(
@@ -141,33 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = q.add_argument_group("calibration")
     c.add_argument(
         "--dataset",
-        metavar="FILE",
-        help="calibration text (.txt, or .jsonl with a 'text' field); default: the C4 sample shipped "
-        "with baq_hf",
+        metavar="DATA",
+        help="calibration text: a .txt file, a .jsonl file with a 'text' field, or a Hub dataset id "
+        "owner/name[:config][@split] (needs the datasets package); default: the C4 sample shipped with "
+        "baq_hf",
     )
     setting(c, "num_samples", _positive_int, "N", "calibration windows")
     setting(c, "seqlen", _positive_int, "N", "tokens per calibration window")
     setting(c, "seed", int, "N", "seed of the calibration window sampling")
-    e = q.add_argument_group("evaluation")
-    e.add_argument(
-        "--eval",
-        type=_csv,
-        metavar="SETS",
-        help=f"comma-separated perplexity sets ({sets}) or text files: evaluates the float model "
-        "first and the quantized model after",
-    )
-    e.add_argument(
-        "--eval-windows",
-        type=_positive_int,
-        metavar="N",
-        help="evaluate only the first N windows (quick check)",
-    )
-    e.add_argument(
-        "--eval-seqlen",
-        type=_positive_int,
-        metavar="N",
-        help="tokens per evaluation window (default: --seqlen)",
-    )
+    add_evaluation_flags(q.add_argument_group("evaluation"), quantize=True)
     h = q.add_argument_group("sharing")
     h.add_argument(
         "--push-to-hub", metavar="REPO", help="upload the saved folder to this Hub repo (user/name)"
@@ -195,17 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     ev.add_argument("model", metavar="DIR", help=f"saved model folder, Hub id, or {DEFAULT_MODEL!r}")
-    ev.add_argument(
-        "--dataset",
-        type=_csv,
-        required=True,
-        metavar="SETS",
-        help=f"comma-separated named sets ({sets}) or .txt/.jsonl files",
-    )
-    ev.add_argument("--seqlen", type=_positive_int, metavar="N", default=2048, help="tokens per window")
-    ev.add_argument(
-        "--max-windows", type=_positive_int, metavar="N", help="evaluate only the first N windows"
-    )
+    add_evaluation_flags(ev, quantize=False)
     ev.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -303,15 +311,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from . import hub, models
     from .config import BaqConfig
-    from .data import resolve_eval_text
+    from .data import is_hub_id, resolve_eval_text
     from .eval import evaluate
-    from .report import format_eval_table
+    from .report import format_eval_table, size_on_disk
 
     t_start = time.perf_counter()
     out = Path(args.out).expanduser()
     _check_out(out, args.overwrite)
-    if args.dataset is not None and not Path(args.dataset).expanduser().is_file():
-        raise FileNotFoundError(f"--dataset {args.dataset!r} is not a file; give a .txt or .jsonl file")
+    if args.dataset is not None and not (
+        Path(args.dataset).expanduser().is_file() or is_hub_id(args.dataset)
+    ):
+        raise FileNotFoundError(
+            f"--dataset {args.dataset!r} is not a file; give a .txt or .jsonl file, or a Hub dataset id "
+            "owner/name[:config][@split]"
+        )
     eval_seqlen = args.eval_seqlen or args.seqlen
     device = _device(args.device)
     for name in args.eval or []:
@@ -332,6 +345,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         seed=args.seed,
         compare_uniform=args.compare_uniform,
         resume_dir=args.resume,
+        keep_float32=args.keep_float32,
     )
     base_model = _base_model_id(args.model, args.base_model)
     source = models.resolve_model(args.model)
@@ -399,7 +413,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         extra_report=extra,
         notes=notes,
     )
-    print(f"saved to {out} ({code_bits:.3f} code bits, {effective_bits:.3f} effective bits)")
+    print(
+        f"saved to {out}: {code_bits:.3f} code bits, {effective_bits:.3f} effective bits per quantized "
+        f"weight; {size_on_disk(out).text()}"
+    )
     if args.push_to_hub:
         _log(f"pushing {out} to {args.push_to_hub}")
         commit = hub.push_folder(out, args.push_to_hub, private=args.private or None)
@@ -416,7 +433,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import resolve_eval_text
     from .eval import evaluate
 
-    for name in args.dataset:
+    for name in args.eval:
         resolve_eval_text(name)
     source = models.resolve_model(args.model)
     if not Path(source).expanduser().exists() and args.model.count("/") != 1:
@@ -426,9 +443,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate(
         model,
         tokenizer,
-        args.dataset,
-        seqlen=args.seqlen,
-        max_windows=args.max_windows,
+        args.eval,
+        seqlen=args.eval_seqlen,
+        max_windows=args.eval_windows,
         progress=not args.no_progress,
     )
     if args.json:

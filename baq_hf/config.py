@@ -55,6 +55,9 @@ class BaqConfig(QuantizationConfigMixin):
             produced by the already-quantized ones.
         resume_dir: a folder where the state after every block is saved; a rerun with the same folder,
             model, data and settings resumes after the last finished block.
+        keep_float32: save the tensors that are not quantized (embeddings, norms, biases) of a float32
+            model in float32. By default they are stored in 16 bits: a 16-bit model's own dtype, else
+            bfloat16 (float32's range, so no value overflows; computation stays in the model's dtype).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class BaqConfig(QuantizationConfigMixin):
         compare_uniform: bool = False,
         true_sequential: bool = True,
         resume_dir: str | None = None,
+        keep_float32: bool = False,
         **kwargs: Any,
     ):
         self.quant_method = "baq"
@@ -106,6 +110,7 @@ class BaqConfig(QuantizationConfigMixin):
         self.compare_uniform = compare_uniform
         self.true_sequential = true_sequential
         self.resume_dir = resume_dir
+        self.keep_float32 = keep_float32
         unknown = set(kwargs) - {"quant_method"}
         if unknown:
             raise ValueError(
@@ -163,7 +168,14 @@ class BaqConfig(QuantizationConfigMixin):
             fail("damp_percent", "it must be a number in (0, 1]")
         if not 0 < self.damp_percent <= 1:
             fail("damp_percent", "it must lie in (0, 1]; the paper uses 0.01")
-        for field in ("sym", "act_order", "clip_search", "compare_uniform", "true_sequential"):
+        for field in (
+            "sym",
+            "act_order",
+            "clip_search",
+            "compare_uniform",
+            "true_sequential",
+            "keep_float32",
+        ):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "it must be True or False")
         if self.num_samples < 1:
@@ -193,6 +205,11 @@ class BaqConfig(QuantizationConfigMixin):
     def solver_spec(self) -> SolverSpec:
         """The plain settings the GPTQ solver takes (it does not depend on transformers)."""
         return SolverSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SolverSpec)})
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """The config of a saved checkpoint; one written before ``keep_float32`` existed kept float32."""
+        return super().from_dict({"keep_float32": True, **config_dict}, return_unused_kwargs, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """Serializable settings; calibration data and tokenizer objects are not stored in config.json."""

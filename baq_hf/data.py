@@ -1,15 +1,24 @@
 """Text loading, named evaluation sets and GPTQ-style calibration windows.
 
 Calibration follows GPTQ: tokenize the text once and draw ``num_samples`` windows of ``seqlen``
-tokens at seeded random starts. The default calibration text ships with the package (a slice of
-the C4 calibration documents, see ``baq_hf/data/NOTICE.md``), so quantization works offline.
+tokens at seeded random starts. The default calibration text and the named evaluation sets
+(WikiText-2 test, PTB test, a C4 evaluation slice) ship with the package (sources and licences in
+``baq_hf/data/NOTICE.md``), so quantizing and evaluating work offline. Other text comes from a local
+``.txt``/``.jsonl`` file or, with the optional ``datasets`` package, from a Hugging Face Hub dataset.
+The library never looks for data outside itself.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
 import json
+import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,30 +28,65 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-DATA_DIR_ENV = "BAQ_HF_DATA_DIR"
+logger = logging.getLogger(__name__)
 
-# Named evaluation texts, relative to the data directory (``shared/data`` beside the repository).
-EVAL_SETS: dict[str, str] = {
-    "wikitext2": "wikitext2/wikitext2_test_gptq_joined.txt",
-    "ptb": "ptb/ptb.test.txt",
-    "c4": "c4/c4_val_eval_first1100_joined.txt",
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A named evaluation text shipped gzip-compressed in ``baq_hf/data`` (sources in its NOTICE.md).
+
+    ``sha256`` is the digest of the uncompressed file, which is read with universal newlines.
+    """
+
+    resource: str
+    sha256: str
+    description: str
+
+
+EVAL_SETS: dict[str, EvalSet] = {
+    "wikitext2": EvalSet(
+        "wikitext2_test.txt.gz",
+        "71fa921e51ba607b4364d8787d05f4513b41b33732dd3504ff1af8952c6e7e77",
+        "WikiText-2 raw test, its rows joined with blank lines as GPTQ does",
+    ),
+    "ptb": EvalSet(
+        "ptb_test.txt.gz",
+        "91a2fa938d84baddaa05a3d67a5698924847eca8a4e7faa1518f3fd11c3d6d73",
+        "Penn Treebank test (Mikolov's preprocessed ptb.test.txt)",
+    ),
+    "c4": EvalSet(
+        "c4_eval.txt.gz",
+        "54e79acbe4a422ed3e21f4ad2951c1910d7e9373c095ec502822bcd8b5d963b3",
+        "C4 en validation documents 0-1099 joined with spaces",
+    ),
 }
-# C4 documents 1100-1999, disjoint from the C4 evaluation documents 0-1099; for benchmarks.
-C4_CALIBRATION = "c4/c4_val_calib_docs1100-1999_joined.txt"
-# Shipped with the package: the first ~250 KB (whole documents) of the same C4 calibration docs.
+# Shipped with the package: the first ~250 KB (whole documents) of the C4 calibration documents
+# 1100-1999, disjoint from the C4 evaluation documents 0-1099.
 DEFAULT_CALIBRATION_RESOURCE = "c4_calibration_sample.txt"
+DATASETS_INSTALL_HINT = "pip install 'baq_hf[datasets]'"
+# BAQ_HF_QUICK_TEST=1 cuts every calibration and evaluation to a few short windows, so that the
+# documentation and examples run in seconds in CI (tests/test_docs.py); the numbers then mean nothing.
+QUICK_TEST_ENV = "BAQ_HF_QUICK_TEST"
+QUICK_TEST_WINDOWS = 2
+QUICK_TEST_SEQLEN = 64
+# owner/name, then optionally :config and @split (e.g. Salesforce/wikitext:wikitext-2-raw-v1@test)
+_HUB_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.\[\]:%+-]+))?")
 
 TextSource = str | os.PathLike | Sequence[str]
 CalibrationData = str | os.PathLike | Sequence[str] | torch.Tensor | Sequence[Sequence[int]] | None
 
 
 def _read_text_file(path: Path) -> str:
-    """Read UTF-8 text with universal newlines.
+    return _decode_text(path.read_bytes())
 
-    ``\\r\\n`` becomes ``\\n``: the shared WikiText-2 file has CRLF line ends, while GPTQ's text (and
-    the reference perplexities) use plain ``\\n``; reading the raw bytes shifts SmolLM2's perplexity.
+
+def _decode_text(raw: bytes) -> str:
+    """Decode UTF-8 with universal newlines, for files and shipped texts alike.
+
+    ``\\r\\n`` becomes ``\\n``: the WikiText-2 test file has CRLF line ends, while GPTQ's text (and the
+    reference perplexities) use plain ``\\n``; reading the raw bytes shifts SmolLM2's perplexity.
     """
-    return path.read_text(encoding="utf-8")
+    return io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8").read()
 
 
 def load_text(source: TextSource) -> str:
@@ -89,77 +133,101 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
             yield record["text"]
 
 
-def _candidate_data_dirs() -> list[Path]:
-    """``shared/data`` folders found by walking up from the working directory and this package.
+def _read_package_text(resource: str) -> str:
+    """Read a text file shipped in ``baq_hf/data`` (gzip-compressed when it ends in ``.gz``)."""
+    packed = resources.files("baq_hf").joinpath("data", resource).read_bytes()
+    raw = gzip.decompress(packed) if resource.endswith(".gz") else packed
+    return _decode_text(raw)
 
-    The repository is checked out with ``shared/`` beside it (``/work/main`` and ``/work/shared``);
-    checking ``<ancestor>/shared/data`` for every ancestor covers both ``shared/data`` inside a
-    folder and ``../shared/data`` beside it.
+
+def eval_set_text(name: str) -> str:
+    """The text of a named evaluation set (``wikitext2``, ``ptb``, ``c4``), shipped with the package.
+
+    The uncompressed bytes are checked against the recorded SHA-256, so a damaged installation fails
+    here instead of giving wrong perplexities.
     """
-    found: list[Path] = []
-    for start in (Path.cwd(), Path(__file__).resolve().parent):
-        for ancestor in (start, *start.parents):
-            candidate = ancestor / "shared" / "data"
-            if candidate.is_dir() and candidate not in found:
-                found.append(candidate)
-    return found
-
-
-def data_dirs() -> list[Path]:
-    """Where named data files are looked up: ``$BAQ_HF_DATA_DIR`` alone if set, else ``shared/data``."""
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return [Path(env).expanduser()]
-    return _candidate_data_dirs()
-
-
-def _resolve_data_file(relative: str) -> Path:
-    """Find ``relative`` in the data directories, or explain where it was looked for."""
-    dirs = data_dirs()
-    for folder in dirs:
-        path = folder / relative
-        if path.is_file():
-            return path
-    looked = ", ".join(str(d) for d in dirs) or "no shared/data folder found above the working directory"
-    raise FileNotFoundError(
-        f"Data file {relative!r} not found (looked in: {looked}). Set {DATA_DIR_ENV} to the folder that "
-        f"holds wikitext2/, ptb/ and c4/ (the repository's shared/data)."
-    )
-
-
-def eval_text_path(name: str) -> Path:
-    """Path of a named evaluation set (one of ``EVAL_SETS``)."""
     if name not in EVAL_SETS:
         raise KeyError(f"Unknown evaluation set {name!r}; known: {', '.join(EVAL_SETS)}.")
-    return _resolve_data_file(EVAL_SETS[name])
+    spec = EVAL_SETS[name]
+    packed = resources.files("baq_hf").joinpath("data", spec.resource).read_bytes()
+    raw = gzip.decompress(packed)
+    if hashlib.sha256(raw).hexdigest() != spec.sha256:
+        raise OSError(
+            f"The evaluation set {name!r} shipped in baq_hf/data/{spec.resource} is damaged (SHA-256 "
+            "mismatch); reinstall baq_hf."
+        )
+    return _decode_text(raw)
+
+
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """Whether ``source`` names a Hub dataset (``owner/name[:config][@split]``) rather than a file."""
+    text = os.fspath(source)
+    return _HUB_ID.fullmatch(text) is not None and Path(text).suffix.lower() not in (".txt", ".jsonl")
+
+
+def hub_text(dataset_id: str, default_split: str) -> str:
+    """The rows of a Hugging Face Hub dataset joined with blank lines (needs the ``datasets`` package).
+
+    ``dataset_id`` is ``owner/name``, optionally followed by ``:config`` and ``@split`` (default
+    ``default_split``); the ``text`` column is read, or the only string column when there is no
+    ``text`` column.
+    """
+    match = _HUB_ID.fullmatch(dataset_id)
+    if match is None:
+        raise ValueError(f"{dataset_id!r} is not a Hub dataset id of the form owner/name[:config][@split].")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError(
+            f"{dataset_id!r} names a Hugging Face Hub dataset; reading it needs the `datasets` package: "
+            f"{DATASETS_INSTALL_HINT} (or give a local .txt/.jsonl file)."
+        ) from exc
+    repo, config, split = match["repo"], match["config"], match["split"] or default_split
+    try:
+        rows = datasets.load_dataset(repo, config, split=split)
+    except Exception as exc:  # offline, unknown id or config, missing split: all mean "cannot read it"
+        raise OSError(
+            f"Could not load the Hub dataset {repo!r} (config {config!r}, split {split!r}): "
+            f"{type(exc).__name__}: {exc}. Check the id (owner/name[:config][@split]) and the network "
+            "connection, or give a local .txt/.jsonl file."
+        ) from exc
+    strings = [name for name, feature in rows.features.items() if getattr(feature, "dtype", None) == "string"]
+    column = "text" if "text" in rows.column_names else (strings[0] if len(strings) == 1 else None)
+    if column is None:
+        raise ValueError(
+            f"The Hub dataset {dataset_id!r} has no 'text' column and not exactly one string column "
+            f"(columns: {', '.join(rows.column_names)}); save the text you want as a .txt file instead."
+        )
+    return "\n\n".join(rows[column])
+
+
+def _text_from_source(source: str | os.PathLike, default_split: str) -> str:
+    """A local .txt/.jsonl file, else a Hub dataset id; anything else is reported as a missing file."""
+    path = Path(source).expanduser()
+    if not path.is_file() and is_hub_id(source):
+        return hub_text(os.fspath(source), default_split)
+    return load_text(path)
 
 
 def resolve_eval_text(name_or_path: str | os.PathLike) -> str:
-    """Return the text of a named evaluation set (``wikitext2``, ``ptb``, ``c4``) or of a file."""
+    """Text of a named evaluation set (``wikitext2``, ``ptb``, ``c4``), a local file or a Hub dataset.
+
+    Hub datasets (``owner/name[:config][@split]``, split ``test`` by default) need ``datasets``.
+    """
     key = os.fspath(name_or_path)
     if key in EVAL_SETS:
-        try:
-            return load_text(eval_text_path(key))
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"Evaluation set {key!r}: {err}") from err
-    path = Path(key).expanduser()
-    if path.is_file():
-        return load_text(path)
+        return eval_set_text(key)
+    if Path(key).expanduser().is_file() or is_hub_id(key):
+        return _text_from_source(key, default_split="test")
     raise FileNotFoundError(
-        f"{key!r} is neither a known evaluation set ({', '.join(EVAL_SETS)}) nor an existing .txt/.jsonl "
-        f"file. Named sets are read from the repository's shared/data, or from ${DATA_DIR_ENV}."
+        f"{key!r} is neither a named evaluation set ({', '.join(EVAL_SETS)}), nor an existing .txt/.jsonl "
+        "file, nor a Hub dataset id (owner/name[:config][@split])."
     )
-
-
-def calibration_text_path() -> Path:
-    """Path of the full C4 calibration text (docs 1100-1999) in the data directory, for benchmarks."""
-    return _resolve_data_file(C4_CALIBRATION)
 
 
 def default_calibration_text() -> str:
     """The calibration text shipped with the package (C4 validation docs 1100 onwards, ~250 KB)."""
-    resource = resources.files("baq_hf").joinpath("data", DEFAULT_CALIBRATION_RESOURCE)
-    return resource.read_text(encoding="utf-8")
+    return _read_package_text(DEFAULT_CALIBRATION_RESOURCE)
 
 
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
@@ -170,6 +238,23 @@ def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor
     # verbose=False silences the "longer than the model's maximum length" warning: we cut windows.
     ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+
+
+def quick_test_sizes(num_windows: int | None, seqlen: int) -> tuple[int | None, int]:
+    """``(num_windows, seqlen)``, cut to a few short windows while ``$BAQ_HF_QUICK_TEST`` is set."""
+    if os.environ.get(QUICK_TEST_ENV, "") in ("", "0"):
+        return num_windows, seqlen
+    logger.warning(
+        "%s is set: using at most %d windows of %d tokens instead of %s of %d (a quick test; results are "
+        "not meaningful)",
+        QUICK_TEST_ENV,
+        QUICK_TEST_WINDOWS,
+        QUICK_TEST_SEQLEN,
+        num_windows if num_windows is not None else "all",
+        seqlen,
+    )
+    capped = QUICK_TEST_WINDOWS if num_windows is None else min(num_windows, QUICK_TEST_WINDOWS)
+    return capped, min(seqlen, QUICK_TEST_SEQLEN)
 
 
 def _check_sizes(num_samples: int, seqlen: int) -> None:
@@ -230,7 +315,8 @@ def calibration_windows(
 ) -> torch.LongTensor:
     """Return ``num_samples`` calibration windows of ``seqlen`` tokens, shape ``[num_samples, seqlen]``.
 
-    ``dataset``: ``None`` (the shipped C4 sample), a path to a ``.txt``/``.jsonl`` file, a list of
+    ``dataset``: ``None`` (the shipped C4 sample), a path to a ``.txt``/``.jsonl`` file, a Hub dataset
+    id (``owner/name[:config][@split]``, split ``train`` by default; needs ``datasets``), a list of
     strings, or pre-tokenized ids (a LongTensor ``[n, L]`` or a list of lists of ints).
 
     Text is tokenized once with the tokenizer's default special tokens (a LLaMA tokenizer adds one
@@ -238,16 +324,20 @@ def calibration_windows(
     ``[0, n_tokens - seqlen]`` with a ``torch.Generator`` seeded by ``seed``, as GPTQ does, so windows
     may overlap. Pre-tokenized rows are cut into non-overlapping windows of ``seqlen`` (a remainder
     shorter than ``seqlen`` is dropped) and the first ``num_samples`` windows, row by row, are used;
-    ``seed`` does not matter there.
+    ``seed`` does not matter there. ``$BAQ_HF_QUICK_TEST`` cuts ``num_samples`` and ``seqlen`` (see
+    :func:`quick_test_sizes`).
     """
     _check_sizes(num_samples, seqlen)
+    num_samples, seqlen = quick_test_sizes(num_samples, seqlen)  # type: ignore[assignment]
     if _is_token_ids(dataset):
         return _windows_from_ids(dataset, num_samples, seqlen)  # type: ignore[arg-type]
 
     if dataset is None:
         text = default_calibration_text()
-    elif isinstance(dataset, (str, os.PathLike)) or (isinstance(dataset, Sequence) and dataset):
-        text = load_text(dataset)  # type: ignore[arg-type]
+    elif isinstance(dataset, (str, os.PathLike)):
+        text = _text_from_source(dataset, default_split="train")
+    elif isinstance(dataset, Sequence) and dataset:
+        text = load_text(dataset)
     elif isinstance(dataset, Sequence):
         raise ValueError("The calibration dataset is empty: give text or at least one row of token ids.")
     else:

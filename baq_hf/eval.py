@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import resolve_eval_text, tokenize_text
+from .data import quick_test_sizes, resolve_eval_text, tokenize_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -62,7 +62,8 @@ def perplexity(
 
     Each window runs alone with ``use_cache=False`` under ``torch.inference_mode``; the token NLL is
     the cross entropy of ``logits[:-1]`` against ``ids[1:]`` in float32, summed in float64 over all
-    windows. ``max_windows`` keeps only the first windows (quick checks). The model is put in eval
+    windows. ``max_windows`` keeps only the first windows (quick checks; ``$BAQ_HF_QUICK_TEST`` cuts both,
+    see :func:`baq_hf.data.quick_test_sizes`). The model is put in eval
     mode for the measurement and its training flag restored afterwards.
     """
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
@@ -73,6 +74,7 @@ def perplexity(
         raise ValueError(f"max_windows must be None or an integer >= 1, got {max_windows!r}.")
     if not isinstance(text, str) or not text:
         raise ValueError("perplexity() needs a non-empty text string.")
+    max_windows, seqlen = quick_test_sizes(max_windows, seqlen)
 
     ids = tokenize_text(tokenizer, text)
     n_windows = ids.numel() // seqlen

@@ -13,6 +13,12 @@ One quantized weight W (M out x N in) is stored as:
   at bit ``(i * n_R + k) * R``); each segment starts at a 32-bit word boundary. 0-bit columns store
   nothing and dequantize to 0.
 
+- ``bias`` (M, only when the layer has one): not quantized, in a float dtype of the checkpoint's choice.
+
+:class:`PackedLayout` is the one description of these tensors (names, dtypes, shapes): the loader, the
+report, the resume code and ``BaqLinear`` all build and check layers through it, and
+:func:`read_safetensors_header` reads shapes and dtypes without loading tensors.
+
 The grid of a row (or group) with range [mn, mx] at R bits is GPTQ's asymmetric grid, derived from the
 fp16 range in fp32: ``scale = (mx - mn) / (2^R - 1)``, ``zero = floor(-mn / scale + 1/2)``, and a code q
 dequantizes to ``scale * (q - zero)``. The quantizer and every dequantization path (torch, Triton)
@@ -22,6 +28,9 @@ evaluate exactly these fp32 operations, so a reloaded checkpoint reproduces GPTQ
 from __future__ import annotations
 
 import itertools
+import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +40,17 @@ MAX_BITS = 2**HEADER_BITS - 1
 
 # Codes unpacked per chunk on CPU, to bound the int64 temporaries of large layers.
 _UNPACK_CHUNK = 1 << 22
+
+# A loader recognises a packed layer by this tensor; the other names follow.
+HEADER_TENSOR = "bits_header"
+# The dtypes a safetensors header names, as torch dtypes.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
+}  # fmt: skip
 
 
 def grid(range_min: torch.Tensor, range_max: torch.Tensor, bits: torch.Tensor | int):
@@ -226,3 +246,259 @@ def dequantize_weight(
     w = torch.empty_like(w_stored)
     w[:, perm.long()] = w_stored
     return w
+
+
+# ----------------------------------------------------------------------------------------------
+# the stored layout of one packed layer
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and safetensors dtype name (``"I32"``, ``"F16"``, ...) of one stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"unknown safetensors dtype {self.dtype!r}")
+        return SAFETENSORS_DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.torch_dtype.itemsize
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Every tensor's shape and dtype from a safetensors file's header, without loading the data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {
+                key: TensorInfo(tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
+                for key in f.keys()  # noqa: SIM118 - safe_open is not a mapping
+            }
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}): truncated or damaged") from exc
+
+
+def packed_layers(tensors: Mapping[str, TensorInfo]) -> dict[str, dict[str, TensorInfo]]:
+    """The packed layers of a checkpoint listing: layer name -> {tensor name: info}, in listing order.
+
+    A layer is recognised by its ``bits_header``; its tensors are the entries directly under its name.
+    """
+    layers: dict[str, dict[str, TensorInfo]] = {}
+    for key in tensors:
+        if key.endswith("." + HEADER_TENSOR):
+            layers[key[: -len(HEADER_TENSOR) - 1]] = {}
+    for key, info in tensors.items():
+        layer, _, leaf = key.rpartition(".")
+        if layer in layers:
+            layers[layer][leaf] = info
+    return layers
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """What the model (config.json) says about a layer that the checkpoint stores packed."""
+
+    out_features: int
+    in_features: int
+    has_bias: bool
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """The tensors one packed layer stores: names, dtypes and shapes (the table in docs/format.md).
+
+    ``group_size`` is -1 for one range per row, else the width of a range group (``group_index`` is
+    then stored). Built from shapes read from a safetensors header or a state dict with
+    :meth:`from_shapes`, which checks that they describe one consistent layer.
+    """
+
+    out_features: int
+    in_features: int
+    n_words: int
+    group_size: int = -1
+    has_bias: bool = False
+
+    @property
+    def n_groups(self) -> int:
+        return 1 if self.group_size == -1 else self.in_features // self.group_size
+
+    def specs(self) -> dict[str, tuple[torch.dtype | None, tuple[int, ...]]]:
+        """Tensor name -> (dtype, shape) of every stored tensor; the bias' dtype (None) is any float."""
+        n, m = self.in_features, self.out_features
+        specs: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = {
+            "weight": (torch.int32, (self.n_words,)),
+            HEADER_TENSOR: (torch.uint8, ((n + 1) // 2,)),
+            "perm": (torch.int32, (n,)),
+            "range_min": (torch.float16, (m, self.n_groups)),
+            "range_max": (torch.float16, (m, self.n_groups)),
+        }
+        if self.group_size != -1:
+            specs["group_index"] = (torch.int32, (n,))
+        if self.has_bias:
+            specs["bias"] = (None, (m,))
+        return specs
+
+    @classmethod
+    def from_shapes(
+        cls, shapes: Mapping[str, tuple[int, ...]], name: str, module: ModuleShape | None = None
+    ) -> PackedLayout:
+        """The layout the stored shapes describe; raises ``ValueError`` naming the layer if they disagree.
+
+        With ``module`` (what the model's config says), the shapes are checked against it first, so a
+        checkpoint that does not belong to the model is reported as such.
+        """
+        shapes = {k: tuple(v) for k, v in shapes.items()}
+        perm, header = shapes.get("perm"), shapes.get(HEADER_TENSOR)
+        rmin, rmax = shapes.get("range_min"), shapes.get("range_max")
+        if module is not None:
+            n_in, n_out = module.in_features, module.out_features
+            for tensor, shape in (("perm", (n_in,)), (HEADER_TENSOR, ((n_in + 1) // 2,))):
+                if shapes.get(tensor) != shape:
+                    raise ValueError(
+                        f"checkpoint tensor {name}.{tensor} has shape {shapes.get(tensor)}, but the model's "
+                        f"{name} has in_features={n_in} (expected {shape}): checkpoint and config.json "
+                        "disagree"
+                    )
+            if rmin is None or len(rmin) != 2 or rmin[0] != n_out or rmax != rmin:
+                raise ValueError(
+                    f"checkpoint tensors {name}.range_min/range_max have shapes {rmin}/{rmax}, expected "
+                    f"({n_out}, groups): checkpoint and config.json disagree"
+                )
+            if ("bias" in shapes) != module.has_bias:
+                state = ("present", "has no") if "bias" in shapes else ("missing", "has a")
+                raise ValueError(
+                    f"checkpoint tensor {name}.bias is {state[0]}, but the model's {name} {state[1]} bias: "
+                    "checkpoint and config.json disagree"
+                )
+        if perm is None or len(perm) != 1 or header != ((perm[0] + 1) // 2,):
+            raise ValueError(
+                f"checkpoint tensors {name}.perm/{HEADER_TENSOR} have shapes {perm}/{header}; expected (N,) "
+                "and ((N + 1) // 2,)"
+            )
+        n_in = perm[0]
+        if rmin is None or len(rmin) != 2 or rmax != rmin:
+            raise ValueError(
+                f"checkpoint tensors {name}.range_min/range_max have shapes {rmin}/{rmax}, expected "
+                "(out_features, groups) both"
+            )
+        n_out, n_groups = rmin
+        grouped = "group_index" in shapes
+        if (n_groups != 1) != grouped or (grouped and (n_groups < 1 or n_in % n_groups)):
+            raise ValueError(
+                f"checkpoint tensors of {name} describe an inconsistent grouping ({n_groups} groups)"
+            )
+        if "weight" not in shapes or len(shapes["weight"]) != 1:
+            raise ValueError(f"checkpoint tensor {name}.weight (the packed codes) is missing or not 1-D")
+        return cls(
+            out_features=n_out,
+            in_features=n_in,
+            n_words=shapes["weight"][0],
+            group_size=n_in // n_groups if grouped else -1,
+            has_bias="bias" in shapes,
+        )
+
+    def validate(self, tensors: Mapping[str, torch.Tensor | None], name: str = "") -> None:
+        """Check untrusted tensors of this layout against it and each other, before anything runs.
+
+        Dtypes and shapes, a sorted header whose segments need exactly the stored words, a true
+        permutation, finite ordered ranges, group indices inside the stored groups, a finite bias.
+        """
+
+        def fail(what: str) -> None:
+            raise ValueError(f"corrupt BAQ checkpoint: layer {name!r}: {what}")
+
+        n, m = self.in_features, self.out_features
+        for tensor_name, (dtype, shape) in self.specs().items():
+            t = tensors.get(tensor_name)
+            if t is None:
+                fail(f"{tensor_name} is missing")
+            if dtype is not None and t.dtype != dtype:
+                fail(f"{tensor_name} has dtype {t.dtype}, expected {dtype}")
+            if dtype is None and not t.is_floating_point():
+                fail(f"{tensor_name} has dtype {t.dtype}, expected a float dtype")
+            if tuple(t.shape) != shape:
+                fail(f"{tensor_name} has shape {tuple(t.shape)}, expected {shape}")
+        try:
+            segments = segments_from_bits(unpack_header(tensors[HEADER_TENSOR].cpu(), n), m)
+        except ValueError as exc:
+            fail(f"{HEADER_TENSOR}: {exc}")
+        expected = total_words(segments, m)
+        if self.n_words != expected:
+            fail(
+                f"qweight (stored as {name}.weight) has {self.n_words} words but the bits_header needs "
+                f"{expected}"
+            )
+        perm = tensors["perm"].long().cpu()
+        if not torch.equal(torch.sort(perm).values, torch.arange(n)):
+            fail("perm is not a permutation of the input columns")
+        rmin, rmax = tensors["range_min"].float(), tensors["range_max"].float()
+        if not (torch.isfinite(rmin).all() and torch.isfinite(rmax).all()):
+            fail("range_min/range_max contain NaN or inf")
+        if not bool((rmax > rmin).all()):
+            fail("range_max must exceed range_min in every row")
+        group_index = tensors.get("group_index")
+        if group_index is not None and n:
+            gi = group_index.long()
+            if int(gi.min()) < 0 or int(gi.max()) >= self.n_groups:
+                fail("group_index points outside the stored groups")
+        bias = tensors.get("bias")
+        if bias is not None and not bool(torch.isfinite(bias.float()).all()):
+            fail("bias contains NaN or inf")
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """The stored tensors of one quantized weight (the bias aside), as :func:`pack_weight` makes them."""
+
+    shape: tuple[int, int]  # (out_features, in_features)
+    qweight: torch.Tensor
+    bits_header: torch.Tensor
+    perm: torch.Tensor
+    range_min: torch.Tensor
+    range_max: torch.Tensor
+    group_index: torch.Tensor | None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors under their stored names (``qweight`` is stored as ``weight``)."""
+        out = {
+            "weight": self.qweight,
+            HEADER_TENSOR: self.bits_header,
+            "perm": self.perm,
+            "range_min": self.range_min,
+            "range_max": self.range_max,
+        }
+        if self.group_index is not None:
+            out["group_index"] = self.group_index
+        return out
+
+
+def pack_weight(
+    codes: torch.Tensor,
+    bits: torch.Tensor,
+    range_min: torch.Tensor,
+    range_max: torch.Tensor,
+    group_of_column: torch.Tensor | None,
+) -> PackedWeight:
+    """Sort columns by bitwidth and pack them.
+
+    ``codes`` (M x N), ``bits`` (N) and ``group_of_column`` (N) are in the original column order.
+    """
+    bits = bits.cpu().long()
+    perm = torch.sort(bits, stable=True).indices
+    stored_bits = bits[perm]
+    qweight = pack_codes(codes.cpu()[:, perm], stored_bits)
+    return PackedWeight(
+        shape=tuple(codes.shape),
+        qweight=qweight,
+        bits_header=pack_header(stored_bits),
+        perm=perm.to(torch.int32),
+        range_min=range_min.cpu().half(),
+        range_max=range_max.cpu().half(),
+        group_index=None if group_of_column is None else group_of_column.cpu()[perm].to(torch.int32),
+    )

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .report import REPORT_FILE, histogram_text, ratio_text, to_json
+from .report import REPORT_FILE, SizeOnDisk, histogram_text, ratio_text, size_on_disk, to_json
 
 if TYPE_CHECKING:
     from torch import nn
@@ -135,13 +135,15 @@ def model_card(
     repo_id: str | None = None,
     report: dict[str, Any] | None = None,
     notes: Sequence[str] = (),
+    size: SizeOnDisk | None = None,
 ) -> str:
-    """README.md text for a BAQ-quantized model: YAML metadata, usage, settings, quality and bits.
+    """README.md text for a BAQ-quantized model: YAML metadata, usage, settings, size, quality and bits.
 
     ``base_model`` is the Hub id of the float model (None when unknown, e.g. a local folder);
     ``perplexities`` see :func:`normalize_perplexities`; ``repo_id`` is used in the usage snippet;
     ``report`` defaults to ``model.baq_report`` (present right after quantization) and adds Ratio_C
-    and Ratio_L per layer; ``notes`` are caveats shown in their own section.
+    and Ratio_L per layer; ``notes`` are caveats shown in their own section; ``size`` (of the saved
+    folder, :func:`baq_hf.report.size_on_disk`) adds the size on disk next to the 16-bit original.
     """
     from huggingface_hub import ModelCardData
 
@@ -170,6 +172,9 @@ def model_card(
         meta["base_model_relation"] = "quantized"
     if qconfig.get("dataset") is None:
         meta["datasets"] = ["allenai/c4"]  # the calibration sample shipped with baq_hf
+    if size is not None:
+        meta["size_bytes"] = size.safetensors_bytes
+        meta["original_16bit_bytes"] = size.original_16bit_bytes
     if ppl:
         meta["perplexity"] = {
             _display_name(name): {k: round(v, 4) for k, v in e.items() if v is not None}
@@ -196,7 +201,7 @@ def model_card(
         f"This is {base_text} quantized with **BAQ** (GPTQ with a per-column bit allocation that minimises "
         f"the layer's output error) by `baq_hf`: **{code_bits:.3f} code bits** per weight "
         f"on average, **{effective_bits:.3f} effective bits** counting every stored tensor (codes, bitwidth "
-        "header, column permutation, fp16 ranges, bias). Embeddings and `lm_head` stay in full precision.",
+        "header, column permutation, fp16 ranges, bias). Embeddings, norms and `lm_head` are not quantized.",
         "",
         "## Usage",
         "",
@@ -228,6 +233,16 @@ def model_card(
     if report and isinstance(report.get("seconds"), (int, float)):
         lines.append(f"| calibration time | {report['seconds']:.0f} s |")
 
+    if size is not None:
+        dtypes = ", ".join(size.unquantized_dtypes) or "none"
+        lines += [
+            "",
+            "## Size",
+            "",
+            f"The weight files take **{size.text()}**; the original counts {size.float_parameters:,} "
+            f"parameters at 2 bytes each. The tensors that are not quantized (embeddings, norms, biases) "
+            f"are stored as {dtypes}.",
+        ]
     if ppl:
         lines += [
             "",
@@ -314,10 +329,17 @@ def save_folder(
     """
     from .checkpoint import save_quantized
 
-    card = model_card(model, base_model, perplexities, repo_id=repo_id, notes=notes)  # fails if not BAQ
-    report = build_report(model, perplexities, base_model, extra_report)
-    extra = {REPORT_FILE: to_json(report), "README.md": card}
-    return save_quantized(model, folder, tokenizer, extra_files=extra)
+    model_bits(model)  # fails now, not after writing the weights, if the model is not quantized
+
+    def describe(saved: Path) -> dict[str, str]:
+        """Card and report of the folder being written, so they can state its size on disk."""
+        size = size_on_disk(saved)
+        card = model_card(model, base_model, perplexities, repo_id=repo_id, notes=notes, size=size)
+        extra = {"size": size.to_dict(), **(extra_report or {})}
+        report = build_report(model, perplexities, base_model, extra)
+        return {REPORT_FILE: to_json(report), "README.md": card}
+
+    return save_quantized(model, folder, tokenizer, extra_files=describe)
 
 
 def push_folder(

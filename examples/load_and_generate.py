@@ -16,12 +16,12 @@ import baq_hf  # registers the "baq" quantization method with transformers
 
 
 def quantize_default(folder: Path) -> None:
-    """A small 2.5-bit SmolLM2-135M, so that the example runs without any download."""
+    """SmolLM2-135M at 3 code bits with groups of 64, so that the example runs without any download."""
     from baq_hf.models import resolve_model
 
     path = resolve_model("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    config = baq_hf.BaqConfig(bits=2.5, group_size=64, tokenizer=tokenizer, num_samples=16, seqlen=512)
+    config = baq_hf.BaqConfig(bits=3, group_size=64, tokenizer=tokenizer, num_samples=16, seqlen=512)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

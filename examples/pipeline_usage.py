@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument(
         "folder", nargs="?", default="out/baq-smollm2", help="a saved BAQ model (folder or Hub id)"
     )
+    parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args()
     if args.folder == "out/baq-smollm2" and not Path(args.folder).exists():
         from load_and_generate import quantize_default  # same folder of examples
@@ -29,13 +30,13 @@ def main() -> None:
 
     generator = pipeline("text-generation", model=args.folder, device_map="auto")
     messages = [{"role": "user", "content": "Name three colours."}]
-    result = generator(messages, max_new_tokens=16, do_sample=False)
+    result = generator(messages, max_new_tokens=args.max_new_tokens, do_sample=False)
     print("BAQ:", result[0]["generated_text"][-1]["content"])
 
     # model.dequantize() replaces every BaqLinear with an nn.Linear holding the same weights
     generator.model.dequantize()
     assert not any(isinstance(m, baq_hf.BaqLinear) for m in generator.model.modules())
-    result = generator(messages, max_new_tokens=16, do_sample=False)
+    result = generator(messages, max_new_tokens=args.max_new_tokens, do_sample=False)
     print("dequantized (same weights, plain nn.Linear):", result[0]["generated_text"][-1]["content"])
 
 

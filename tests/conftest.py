@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,19 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 VOCAB = 128
 SEQLEN = 32
+
+# The project's real text (shared/data beside the checkout or above a worktree): read by tests only,
+# never by the package; tests that need it skip when it is absent (e.g. on a clean clone).
+SHARED_DATA = next(
+    (
+        folder / "shared" / "data"
+        for folder in Path(__file__).resolve().parents[1].parents
+        if (folder / "shared" / "data").is_dir()
+    ),
+    None,
+)
+# C4 validation documents 1100-1999, the full calibration text of the benchmarks' protocol
+C4_CALIBRATION = "c4/c4_val_calib_docs1100-1999_joined.txt"
 
 
 TINY = {

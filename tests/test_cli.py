@@ -7,7 +7,10 @@ the eval/inspect tests can compare against what quantize recorded.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +22,7 @@ from huggingface_hub import HfApi
 from transformers import AutoModelForCausalLM
 
 from baq_hf import BaqLinear, cli, data
+from baq_hf.report import size_on_disk
 
 from .conftest import VOCAB, tiny_model
 
@@ -83,11 +87,15 @@ def workspace(tmp_path_factory):
         "--seqlen", "32", "--group-size", "32", "--compare-uniform", "--eval", str(evalset),
         "--eval-windows", "3", "--out", str(out), "--push-to-hub", "user/tiny-baq", "--no-progress",
     ]  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: repo_id)
         mp.setattr(HfApi, "upload_folder", fake_upload)
         rc = cli.main(argv)
-    return {"rc": rc, "fp": fp, "out": out, "eval": evalset, "calib": calib, "uploads": uploads}
+    return {
+        "rc": rc, "fp": fp, "out": out, "eval": evalset, "calib": calib, "uploads": uploads,
+        "stdout": stdout.getvalue(),
+    }  # fmt: skip
 
 
 def test_quantize_writes_a_complete_folder(workspace, capsys):
@@ -102,6 +110,32 @@ def test_quantize_writes_a_complete_folder(workspace, capsys):
     layers = [m for m in model.modules() if isinstance(m, BaqLinear)]
     assert len(layers) == 14
     assert all(abs(layer.code_bits - 2.5) < 1 / layer.in_features for layer in layers)
+
+
+def test_quantize_prints_bits_size_and_both_perplexities(workspace):
+    """What a user reads at the end of a run: both perplexities, the bits, the size next to 16 bits."""
+    out = workspace["stdout"]
+    assert re.search(r"fp ppl +BAQ ppl", out)
+    (row,) = [line for line in out.splitlines() if line.startswith(str(workspace["eval"]))]
+    fp, baq = (float(v) for v in row.split()[1:])
+    assert fp > 1 and baq > 1
+    size = size_on_disk(workspace["out"])
+    match = re.search(
+        r"saved to .*: ([\d.]+) code bits, ([\d.]+) effective bits per quantized weight; (.*)", out
+    )
+    assert match and float(match[1]) == pytest.approx(2.5, abs=0.02) and float(match[2]) > 2.5
+    assert match[3] == size.text() and "on disk" in match[3] and "x the 16-bit original" in match[3]
+    weights = workspace["out"] / "model.safetensors"
+    assert size.safetensors_bytes == weights.stat().st_size
+    # the float model: embeddings, norms, lm_head and the 14 linear layers, at 2 bytes per parameter
+    fp_model = AutoModelForCausalLM.from_pretrained(workspace["fp"])
+    assert size.float_parameters == sum(p.numel() for p in fp_model.parameters())
+    assert size.unquantized_dtypes == ("BF16",)  # a float32 model's unquantized tensors, in 16 bits
+    report = json.loads((workspace["out"] / "baq_report.json").read_text())
+    assert report["size"]["safetensors_bytes"] == weights.stat().st_size
+    assert report["size"]["original_16bit_bytes"] == 2 * size.float_parameters
+    card = (workspace["out"] / "README.md").read_text()
+    assert "## Size" in card and size.text() in card and "stored as BF16" in card
 
 
 def test_quantize_report_has_layers_eval_and_timing(workspace):
@@ -132,14 +166,34 @@ def test_quantize_pushes_the_saved_folder(workspace):
 def test_eval_reproduces_the_perplexity_recorded_at_quantization(workspace, capsys):
     report = json.loads((workspace["out"] / "baq_report.json").read_text())
     recorded = report["eval"][str(workspace["eval"])]["baq"]
-    argv = ["eval", str(workspace["out"]), "--dataset", str(workspace["eval"]), "--seqlen", "32"]
-    assert cli.main([*argv, "--max-windows", "3", "--json", "--no-progress"]) == 0
+    argv = ["eval", str(workspace["out"]), "--eval", str(workspace["eval"]), "--eval-seqlen", "32"]
+    assert cli.main([*argv, "--eval-windows", "3", "--json", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)[str(workspace["eval"])]
     assert result["ppl"] == recorded  # the reloaded model is bit-exact, so the perplexity is too
     assert result["n_windows"] == 3 and result["n_tokens"] == 3 * 31
-    assert cli.main([*argv, "--max-windows", "1", "--no-progress"]) == 0
+    assert cli.main([*argv, "--eval-windows", "1", "--no-progress"]) == 0
     table = capsys.readouterr().out
     assert "ppl" in table and "windows" in table
+
+
+def test_quantize_and_eval_share_the_evaluation_flags(capsys):
+    """One vocabulary: --eval, --eval-windows, --eval-seqlen in both; eval's former names still parse."""
+    parser = cli.build_parser()
+    for command in ("quantize", "eval"):
+        assert cli.main([command, "--help"]) == 0
+        text = capsys.readouterr().out
+        for flag in ("--eval SETS", "--eval-windows N", "--eval-seqlen N", "--device", "--no-progress"):
+            assert flag in text, (command, flag)
+    assert "--max-windows" not in text and "--dataset" not in text  # eval's hidden former names
+    new = parser.parse_args(
+        ["eval", "d", "--eval", "wikitext2,c4", "--eval-windows", "3", "--eval-seqlen", "64"]
+    )
+    old = parser.parse_args(
+        ["eval", "d", "--dataset", "wikitext2,c4", "--max-windows", "3", "--seqlen", "64"]
+    )
+    assert vars(new) == vars(old)
+    assert new.eval == ["wikitext2", "c4"] and new.eval_windows == 3 and new.eval_seqlen == 64
+    assert parser.parse_args(["eval", "d", "--eval", "ptb"]).eval_seqlen == 2048
 
 
 def test_inspect_table_matches_the_loaded_layers(workspace, capsys):
@@ -199,7 +253,7 @@ def test_inspect_without_report_still_works(workspace, tmp_path, capsys):
         ["quantize", "--bits", "2"],  # --out missing
         ["quantize", "m", "--out", "x", "--allocation", "best"],
         ["quantize", "m", "--out", "x", "--num-samples", "0"],
-        ["eval", "dir"],  # --dataset missing
+        ["eval", "dir"],  # --eval missing
         ["inspect"],
         ["frobnicate"],
         [],
@@ -237,7 +291,7 @@ def test_usage_errors_exit_2(argv, capsys):
         ),
         (["inspect", "{tmp}/nothing"], "is not a folder"),
         (["inspect", "{fp}"], "no BaqLinear layer"),
-        (["eval", "{tmp}/nothing", "--dataset", "{calib}"], "neither a folder nor a Hub id"),
+        (["eval", "{tmp}/nothing", "--eval", "{calib}"], "neither a folder nor a Hub id"),
     ],
 )
 def test_handled_errors_exit_1_without_traceback(workspace, tmp_path, capsys, argv, message):
@@ -263,7 +317,7 @@ def test_every_quantize_flag_is_explained(capsys):
     flags = (
         "--bits --allocation --dataset --out --group-size --act-order --sym --num-samples --seqlen --seed "
         "--damp-percent --min-bits --max-bits --resume --compare-uniform --eval --eval-windows "
-        "--push-to-hub --overwrite --private --base-model --device --no-progress"
+        "--eval-seqlen --push-to-hub --overwrite --keep-float32 --private --base-model --device --no-progress"
     )
     for flag in flags.split():
         assert flag in text, flag

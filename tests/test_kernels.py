@@ -29,9 +29,10 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton")
 
 from baq_hf import format as fmt  # noqa: E402
+from baq_hf.format import pack_weight  # noqa: E402
 from baq_hf.kernels import baq_linear_forward, dequantize_triton  # noqa: E402
 from baq_hf.kernels import triton_kernels as tk  # noqa: E402
-from baq_hf.linear import FORCE_TORCH_ENV, BaqLinear, pack_weight  # noqa: E402
+from baq_hf.linear import FORCE_TORCH_ENV, BaqLinear  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
@@ -68,8 +69,8 @@ def make_layer(
         for gi in range(n_groups):
             mn[:, gi], mx[:, gi] = fmt.fit_range(w[:, group_of_column == gi], sym=False)
     packed = pack_weight(codes, bits, mn, mx, group_of_column)
-    b = torch.randn(m, generator=g) if bias else None
-    return BaqLinear.from_packed(packed, b, group_size, torch.float16).to(device)
+    b = torch.randn(m, generator=g).half() if bias else None
+    return BaqLinear.from_packed(packed, b).to(device)
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,8 @@
 """Benchmark the BaqLinear Triton kernels against fp16 torch.matmul on one CUDA GPU.
 
-    python benchmarks/kernels.py                 # all shapes, code bits 2, 2.5, 3, 4
-    python benchmarks/kernels.py --tune          # also sweep the fused kernel's block sizes
-    python benchmarks/kernels.py --dry-run       # CPU: build the layers and print their sizes only
+    python benchmarks/kernel_bench.py                 # all shapes, code bits 2, 2.5, 3, 4
+    python benchmarks/kernel_bench.py --tune          # also sweep the fused kernel's block sizes
+    python benchmarks/kernel_bench.py --dry-run       # CPU: build the layers and print their sizes only
 
 For each layer shape (Llama-2-7B and SmolLM2-135M projections) and mean code bitwidth it builds a
 BaqLinear with a BAQ-like bitwidth histogram and random codes, checks the kernels against the torch
@@ -26,20 +26,14 @@ import platform
 import sys
 from pathlib import Path
 
-# The script's folder comes first on sys.path and this file is named kernels.py: drop it so that it
-# cannot shadow the `kernels` package that transformers probes for.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+import torch
+import torch.nn.functional as F
+
+from baq_hf import format as fmt
+from baq_hf.format import PackedWeight, pack_weight
+from baq_hf.linear import BaqLinear
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from baq_hf import format as fmt  # noqa: E402
-from baq_hf.linear import BaqLinear, PackedWeight, pack_weight  # noqa: E402
 
 # (name, out_features M, in_features N)
 LLAMA2_7B_SHAPES = [
@@ -128,7 +122,7 @@ def random_baq_linear(
     Ranges are fitted to ``weight`` when given (so outputs have the model's scale), else random.
     By default the packed stream is drawn as random int32 words, which is exactly a stream of
     independent uniform codes of every width (pad bits are never read); ``exact_pack`` draws codes and
-    packs them with :func:`baq_hf.linear.pack_weight` instead (the same distribution, but slow on
+    packs them with :func:`baq_hf.format.pack_weight` instead (the same distribution, but slow on
     CPU for large layers: about 10 s for 11008 x 4096).
     """
     g = torch.Generator().manual_seed(seed)
@@ -160,7 +154,7 @@ def random_baq_linear(
             range_max=mx.half(),
             group_index=None if group_of_column is None else group_of_column[perm].to(torch.int32),
         )
-    return BaqLinear.from_packed(packed, bias, group_size, dtype).to(device)
+    return BaqLinear.from_packed(packed, None if bias is None else bias.to(dtype)).to(device)
 
 
 def layer_bytes(layer: BaqLinear) -> dict[str, int]:
@@ -403,8 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not torch.cuda.is_available():
         sys.exit(
-            "benchmarks/kernels.py needs a CUDA GPU, and torch.cuda.is_available() is False "
-            f"(torch {torch.__version__}). Run it on a GPU machine: `python benchmarks/kernels.py`; "
+            "benchmarks/kernel_bench.py needs a CUDA GPU, and torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}). Run it on a GPU machine: `python benchmarks/kernel_bench.py`; "
             "`--dry-run` checks the layer construction on CPU."
         )
     import triton
