@@ -189,19 +189,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="perplexity of a (BAQ or float) model",
-        description="Perplexity with the GPTQ protocol: tokenize once, non-overlapping windows, "
-        "exp(mean token NLL).",
+        help="perplexity or zero-shot accuracy of a (BAQ or float) model",
+        description="Perplexity with the GPTQ protocol (--dataset: tokenize once, non-overlapping windows, "
+        "exp(mean token NLL)), or zero-shot accuracy with lm-evaluation-harness (--tasks).",
         formatter_class=_HelpFormatter,
     )
     ev.add_argument("model", metavar="DIR", help=f"saved model folder, Hub id, or {DEFAULT_MODEL!r}")
-    ev.add_argument(
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--dataset",
         type=_csv,
-        required=True,
         metavar="SETS",
-        help=f"comma-separated named sets ({sets}) or .txt/.jsonl files",
+        help=f"perplexity on comma-separated named sets ({sets}) or .txt/.jsonl files",
     )
+    what.add_argument(
+        "--tasks",
+        type=_csv,
+        metavar="TASKS",
+        help="zero-shot accuracy with lm-evaluation-harness (pip install 'baq_hf[zeroshot]') on "
+        "comma-separated lm-eval tasks, e.g. piqa,arc_easy,arc_challenge,lambada_openai,winogrande",
+    )
+    z = ev.add_argument_group("zero-shot (with --tasks)")
+    z.add_argument(
+        "--task-data",
+        metavar="DIR",
+        help="run the tasks offline on local copies of their data in DIR (piqa/, arc_easy/, "
+        "arc_challenge/, lambada_openai/, winogrande/); default: the stock tasks, data from the Hub",
+    )
+    z.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N items of each task")
+    z.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        default=16,
+        help="lm-eval batch size (scores can move with it)",
+    )
+    z.add_argument("--output", metavar="FILE", help="also write the scores, versions and settings as JSON")
     ev.add_argument("--seqlen", type=_positive_int, metavar="N", default=2048, help="tokens per window")
     ev.add_argument(
         "--max-windows", type=_positive_int, metavar="N", help="evaluate only the first N windows"
@@ -408,7 +431,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Perplexity of a saved model on named sets or files."""
+    """Perplexity (--dataset) or zero-shot accuracy (--tasks) of a saved model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -416,13 +439,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import resolve_eval_text
     from .eval import evaluate
 
-    for name in args.dataset:
+    for name in args.dataset or []:
         resolve_eval_text(name)
+    zeroshot_tasks = _check_zeroshot(args) if args.tasks else None
     source = models.resolve_model(args.model)
     if not Path(source).expanduser().exists() and args.model.count("/") != 1:
         raise FileNotFoundError(f"{args.model!r} is neither a folder nor a Hub id (user/name)")
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(_device(args.device))
+    if zeroshot_tasks is not None:
+        return _eval_zeroshot(args, model, tokenizer, zeroshot_tasks)
     results = evaluate(
         model,
         tokenizer,
@@ -441,6 +467,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(
             "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)])
         )
+    return 0
+
+
+def _check_zeroshot(args: argparse.Namespace) -> list[str]:
+    """lm-eval installed, task names known, local files present: checked before the model loads."""
+    from .zeroshot import check_tasks, task_manager
+
+    return check_tasks(args.tasks, args.task_data, task_manager(args.task_data))
+
+
+def _eval_zeroshot(args: argparse.Namespace, model: Any, tokenizer: Any, tasks: list[str]) -> int:
+    """Zero-shot scores as a table (or JSON), optionally saved with the settings to --output."""
+    from .linear import BaqLinear
+    from .zeroshot import evaluate_zeroshot
+
+    if model.device.type == "cpu" and any(isinstance(m, BaqLinear) for m in model.modules()):
+        # the CPU forward of a BaqLinear is F.linear on its dequantized weight: doing that once gives the
+        # same logits without unpacking every layer at every forward pass
+        _log("CPU: dequantizing the BAQ layers once to float32 for speed (same outputs)")
+        model = model.dequantize()
+    result = evaluate_zeroshot(
+        model,
+        tokenizer,
+        tasks,
+        task_data=args.task_data,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    data = {"model": args.model, **result.to_dict()}
+    if args.output:
+        Path(args.output).expanduser().write_text(json.dumps(data, indent=1), encoding="utf-8")
+    print(json.dumps(data, indent=2) if args.json else result.table())
     return 0
 
 
