@@ -329,6 +329,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .data import resolve_eval_text
     from .eval import evaluate
     from .report import format_eval_table
+    from .sanity import format_sanity
 
     t_start = time.perf_counter()
     out = Path(args.out).expanduser()
@@ -392,6 +393,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"quantized in {timing['quantize_seconds']:.1f} s: {code_bits:.3f} code bits, "
         f"{effective_bits:.3f} effective bits per weight"
     )
+    sanity = model.baq_report["sanity"]
+    print(("WARNING: QUANTIZATION LOOKS FAILED: " if sanity.get("failed") else "") + format_sanity(sanity))
 
     if args.eval:
         t = time.perf_counter()
