@@ -77,10 +77,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_evaluation_flags(group: Any, quantize: bool) -> None:
+def add_evaluation_flags(group: Any, quantize: bool) -> Any:
     """The evaluation flags, named alike in ``quantize`` and ``eval``.
 
-    ``eval`` also accepts its former names (--dataset, --max-windows, --seqlen) as hidden aliases.
+    ``eval`` also accepts its former names (--dataset, --max-windows, --seqlen) as hidden aliases and
+    returns the group of what to evaluate (one of them is required), for --tasks to join.
     """
     sets = (
         f"comma-separated perplexity sets: {', '.join(EVAL_SETS)} (shipped with baq_hf), .txt/.jsonl "
@@ -106,6 +107,8 @@ def add_evaluation_flags(group: Any, quantize: bool) -> None:
     if not quantize:
         group.add_argument("--max-windows", type=_positive_int, dest="eval_windows", help=argparse.SUPPRESS)
         group.add_argument("--seqlen", type=_positive_int, dest="eval_seqlen", help=argparse.SUPPRESS)
+        return names
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,13 +210,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="perplexity of a (BAQ or float) model",
-        description="Perplexity with the GPTQ protocol: tokenize once, non-overlapping windows, "
-        "exp(mean token NLL).",
+        help="perplexity or zero-shot accuracy of a (BAQ or float) model",
+        description="Perplexity with the GPTQ protocol (--dataset: tokenize once, non-overlapping windows, "
+        "exp(mean token NLL)), or zero-shot accuracy with lm-evaluation-harness (--tasks).",
         formatter_class=_HelpFormatter,
     )
     ev.add_argument("model", metavar="DIR", help=f"saved model folder, Hub id, or {DEFAULT_MODEL!r}")
-    add_evaluation_flags(ev, quantize=False)
+    what = add_evaluation_flags(ev, quantize=False)
+    what.add_argument(
+        "--tasks",
+        type=_csv,
+        metavar="TASKS",
+        help="zero-shot accuracy with lm-evaluation-harness (pip install 'baq_hf[zeroshot]') on "
+        "comma-separated lm-eval tasks, e.g. piqa,arc_easy,arc_challenge,lambada_openai,winogrande",
+    )
+    z = ev.add_argument_group("zero-shot (with --tasks)")
+    z.add_argument(
+        "--task-data",
+        metavar="DIR",
+        help="run the tasks offline on local copies of their data in DIR (piqa/, arc_easy/, "
+        "arc_challenge/, lambada_openai/, winogrande/); default: the stock tasks, data from the Hub",
+    )
+    z.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N items of each task")
+    z.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        default=16,
+        help="lm-eval batch size (scores can move with it)",
+    )
+    z.add_argument("--output", metavar="FILE", help="also write the scores, versions and settings as JSON")
     ev.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -314,6 +340,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .data import is_hub_id, resolve_eval_text
     from .eval import evaluate
     from .report import format_eval_table, size_on_disk
+    from .sanity import format_sanity
 
     t_start = time.perf_counter()
     out = Path(args.out).expanduser()
@@ -383,6 +410,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"quantized in {timing['quantize_seconds']:.1f} s: {code_bits:.3f} code bits, "
         f"{effective_bits:.3f} effective bits per weight"
     )
+    sanity = model.baq_report["sanity"]
+    print(("WARNING: QUANTIZATION LOOKS FAILED: " if sanity.get("failed") else "") + format_sanity(sanity))
 
     if args.eval:
         t = time.perf_counter()
@@ -425,7 +454,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Perplexity of a saved model on named sets or files."""
+    """Perplexity (--eval) or zero-shot accuracy (--tasks) of a saved model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -433,13 +462,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import resolve_eval_text
     from .eval import evaluate
 
-    for name in args.eval:
+    for name in args.eval or []:
         resolve_eval_text(name)
+    zeroshot_tasks = _check_zeroshot(args) if args.tasks else None
     source = models.resolve_model(args.model)
     if not Path(source).expanduser().exists() and args.model.count("/") != 1:
         raise FileNotFoundError(f"{args.model!r} is neither a folder nor a Hub id (user/name)")
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(_device(args.device))
+    if zeroshot_tasks is not None:
+        return _eval_zeroshot(args, model, tokenizer, zeroshot_tasks)
     results = evaluate(
         model,
         tokenizer,
@@ -458,6 +490,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(
             "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)])
         )
+    return 0
+
+
+def _check_zeroshot(args: argparse.Namespace) -> list[str]:
+    """lm-eval installed, task names known, local files present: checked before the model loads."""
+    from .zeroshot import check_tasks, task_manager
+
+    return check_tasks(args.tasks, args.task_data, task_manager(args.task_data))
+
+
+def _eval_zeroshot(args: argparse.Namespace, model: Any, tokenizer: Any, tasks: list[str]) -> int:
+    """Zero-shot scores as a table (or JSON), optionally saved with the settings to --output."""
+    from .linear import BaqLinear
+    from .zeroshot import evaluate_zeroshot
+
+    if model.device.type == "cpu" and any(isinstance(m, BaqLinear) for m in model.modules()):
+        # the CPU forward of a BaqLinear is F.linear on its dequantized weight: doing that once gives the
+        # same logits without unpacking every layer at every forward pass
+        _log("CPU: dequantizing the BAQ layers once to float32 for speed (same outputs)")
+        model = model.dequantize()
+    result = evaluate_zeroshot(
+        model,
+        tokenizer,
+        tasks,
+        task_data=args.task_data,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    data = {"model": args.model, **result.to_dict()}
+    if args.output:
+        Path(args.output).expanduser().write_text(json.dumps(data, indent=1), encoding="utf-8")
+    print(json.dumps(data, indent=2) if args.json else result.table())
     return 0
 
 

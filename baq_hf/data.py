@@ -327,11 +327,47 @@ def calibration_windows(
     ``seed`` does not matter there. ``$BAQ_HF_QUICK_TEST`` cuts ``num_samples`` and ``seqlen`` (see
     :func:`quick_test_sizes`).
     """
+    return calibration_and_heldout(dataset, tokenizer, num_samples, seqlen, seed, 0, seqlen)[0]
+
+
+def calibration_and_heldout(
+    dataset: CalibrationData,
+    tokenizer: PreTrainedTokenizerBase | None,
+    num_samples: int,
+    seqlen: int,
+    seed: int,
+    n_heldout: int,
+    heldout_seqlen: int,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """The calibration windows of :func:`calibration_windows` and up to ``n_heldout`` held-out windows.
+
+    Held-out windows (``[k, heldout_seqlen]``, ``k <= n_heldout``, possibly 0) come from the same data
+    but share no token with any calibration window: for text, the first stretches of ``heldout_seqlen``
+    tokens, in order, that no calibration window covers; for token ids, the windows after the first
+    ``num_samples``. Drawing them does not change the calibration windows.
+    """
     _check_sizes(num_samples, seqlen)
     num_samples, seqlen = quick_test_sizes(num_samples, seqlen)  # type: ignore[assignment]
     if _is_token_ids(dataset):
-        return _windows_from_ids(dataset, num_samples, seqlen)  # type: ignore[arg-type]
+        windows = _windows_from_ids(dataset, num_samples, seqlen)  # type: ignore[arg-type]
+        spare = windows[num_samples : num_samples + n_heldout, :heldout_seqlen]
+        return windows[:num_samples], spare  # type: ignore[return-value]
+    ids = _calibration_ids(dataset, tokenizer)
+    n_tokens = ids.numel()
+    if n_tokens < seqlen:
+        raise ValueError(
+            f"calibration text has {n_tokens} tokens, fewer than one window of seqlen={seqlen}: "
+            "give more text or lower seqlen"
+        )
+    generator = torch.Generator().manual_seed(int(seed))
+    starts = torch.randint(0, n_tokens - seqlen + 1, (num_samples,), generator=generator)
+    offsets = torch.arange(seqlen)
+    windows = ids[starts[:, None] + offsets[None, :]]
+    return windows, _uncovered_windows(ids, starts, seqlen, n_heldout, heldout_seqlen)  # type: ignore[return-value]
 
+
+def _calibration_ids(dataset: CalibrationData, tokenizer: PreTrainedTokenizerBase | None) -> torch.Tensor:
+    """The calibration text (see :func:`calibration_windows`) tokenized once."""
     if dataset is None:
         text = default_calibration_text()
     elif isinstance(dataset, (str, os.PathLike)):
@@ -347,23 +383,32 @@ def calibration_windows(
         )
     if tokenizer is None:
         raise ValueError("Calibration text needs a tokenizer: pass one, or pass pre-tokenized ids instead.")
+    return tokenize_text(tokenizer, text)
 
-    ids = tokenize_text(tokenizer, text)
-    n_tokens = ids.numel()
-    if n_tokens < seqlen:
-        raise ValueError(
-            f"calibration text has {n_tokens} tokens, fewer than one window of seqlen={seqlen}: "
-            "give more text or lower seqlen"
-        )
-    generator = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, n_tokens - seqlen + 1, (num_samples,), generator=generator)
-    offsets = torch.arange(seqlen)
-    return ids[starts[:, None] + offsets[None, :]]  # type: ignore[return-value]
+
+def _uncovered_windows(
+    ids: torch.Tensor, starts: torch.Tensor, seqlen: int, n_windows: int, window: int
+) -> torch.Tensor:
+    """Up to ``n_windows`` windows of ``window`` tokens, left to right, outside every calibration window."""
+    covered = torch.zeros(ids.numel() + 1, dtype=torch.int32)
+    covered.index_add_(0, starts, torch.ones_like(starts, dtype=torch.int32))
+    covered.index_add_(0, starts + seqlen, -torch.ones_like(starts, dtype=torch.int32))
+    free = covered.cumsum(0)[:-1] == 0
+    picked: list[torch.Tensor] = []
+    position = 0
+    while len(picked) < n_windows and position + window <= ids.numel():
+        if bool(free[position : position + window].all()):
+            picked.append(ids[position : position + window])
+            position += window
+        else:
+            position += 1 + int(torch.nonzero(~free[position : position + window])[-1])
+    return torch.stack(picked) if picked else ids.new_zeros((0, window))
 
 
 def _windows_from_ids(
     dataset: torch.Tensor | Sequence[Sequence[int]], num_samples: int, seqlen: int
 ) -> torch.LongTensor:
+    """Every non-overlapping window of ``seqlen`` tokens, row by row; at least ``num_samples`` of them."""
     rows = _rows_from_ids(dataset)
     windows: list[torch.Tensor] = []
     for i, row in enumerate(rows):
@@ -379,4 +424,4 @@ def _windows_from_ids(
             f"The token ids give only {len(windows)} windows of seqlen={seqlen}, fewer than "
             f"num_samples={num_samples}: give more or longer rows, or lower num_samples or seqlen."
         )
-    return torch.stack(windows[:num_samples])  # type: ignore[return-value]
+    return torch.stack(windows)  # type: ignore[return-value]

@@ -60,11 +60,8 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``text`` with non-overlapping windows of ``seqlen`` tokens.
 
-    Each window runs alone with ``use_cache=False`` under ``torch.inference_mode``; the token NLL is
-    the cross entropy of ``logits[:-1]`` against ``ids[1:]`` in float32, summed in float64 over all
-    windows. ``max_windows`` keeps only the first windows (quick checks; ``$BAQ_HF_QUICK_TEST`` cuts both,
-    see :func:`baq_hf.data.quick_test_sizes`). The model is put in eval
-    mode for the measurement and its training flag restored afterwards.
+    The windows are scored by :func:`windows_nll`; ``max_windows`` keeps only the first ones (quick
+    checks; ``$BAQ_HF_QUICK_TEST`` cuts both, see :func:`baq_hf.data.quick_test_sizes`).
     """
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise ValueError(f"seqlen must be an integer >= 2, got {seqlen!r}.")
@@ -86,8 +83,30 @@ def perplexity(
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
-    target_device = torch.device(device) if device is not None else model_device(model)
+    mean_nll = windows_nll(model, windows, device=device, progress=progress)
+    return PerplexityResult(
+        ppl=math.exp(mean_nll),
+        nll=mean_nll,
+        n_windows=n_windows,
+        n_tokens=n_windows * (seqlen - 1),
+        seqlen=seqlen,
+    )
 
+
+def windows_nll(
+    model: PreTrainedModel,
+    windows: torch.Tensor,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> float:
+    """Mean token NLL (nats) of ``model`` over token windows ``[n, seqlen]``, each scored on its own.
+
+    Each window runs alone with ``use_cache=False`` under ``torch.inference_mode``; the token NLL is
+    the cross entropy of ``logits[:-1]`` against ``ids[1:]`` in float32, summed in float64 over all
+    windows. The model is put in eval mode for the measurement and its training flag restored afterwards.
+    """
+    n_windows, seqlen = windows.shape
+    target_device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
@@ -105,12 +124,7 @@ def perplexity(
                 total += nll.double().cpu()
     finally:
         model.train(was_training)
-
-    n_tokens = n_windows * (seqlen - 1)
-    mean_nll = total.item() / n_tokens
-    return PerplexityResult(
-        ppl=math.exp(mean_nll), nll=mean_nll, n_windows=n_windows, n_tokens=n_tokens, seqlen=seqlen
-    )
+    return total.item() / (n_windows * (seqlen - 1))
 
 
 def evaluate(

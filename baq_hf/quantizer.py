@@ -103,7 +103,8 @@ class BaqHfQuantizer(HfQuantizer):
                 if isinstance(module, BaqLinear):
                     module.validate(name)
             return model
-        from .data import calibration_windows
+        from .data import calibration_and_heldout
+        from .sanity import SANITY_SEQLEN, SANITY_WINDOWS, heldout_nll, sanity_report
 
         config = self.quantization_config
         tokenizer = config.tokenizer
@@ -118,8 +119,14 @@ class BaqHfQuantizer(HfQuantizer):
                     f"BaqConfig.tokenizer is needed to tokenize text calibration data and none could be "
                     f"loaded from {source!r} ({exc}); pass tokenizer=... or token ids as dataset"
                 ) from exc
-        windows = calibration_windows(
-            config.dataset, tokenizer, config.num_samples, config.seqlen, config.seed
+        windows, heldout = calibration_and_heldout(
+            config.dataset,
+            tokenizer,
+            config.num_samples,
+            config.seqlen,
+            config.seed,
+            SANITY_WINDOWS,
+            min(config.seqlen, SANITY_SEQLEN),
         )
         max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         if max_pos is not None and config.seqlen > max_pos:
@@ -127,7 +134,9 @@ class BaqHfQuantizer(HfQuantizer):
                 f"BaqConfig.seqlen={config.seqlen} exceeds the model's max_position_embeddings={max_pos}; "
                 f"use seqlen <= {max_pos}"
             )
+        nll_before = heldout_nll(model, heldout)
         self.report = quantize_model(model, windows, config)
+        self.report["sanity"] = sanity_report(nll_before, heldout_nll(model, heldout), heldout)
         model.baq_report = self.report
         storage = unquantized_storage_dtype(model.dtype, config.keep_float32)
         if storage is not None:
