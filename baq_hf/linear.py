@@ -63,6 +63,7 @@ class BaqLinear(nn.Module):
             self.register_parameter("bias", None)
         self._stored_bits: torch.Tensor | None = None
         self._segments: list[fmt.Segment] | None = None
+        self._kernel_layout = None  # baq_hf.kernels' layout of the stored tensors, rebuilt after changes
 
     # ------------------------------------------------------------------ construction
 
@@ -94,12 +95,14 @@ class BaqLinear(nn.Module):
         """Rebuild the derived per-column bitwidths and segments from the loaded header."""
         self._stored_bits = fmt.unpack_header(self.bits_header.cpu(), self.in_features)
         self._segments = fmt.segments_from_bits(self._stored_bits, self.out_features)
+        self._kernel_layout = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # a new bits_header makes the derived bitwidths and segments stale: rebuild them on next use
         self._stored_bits = None
         self._segments = None
+        self._kernel_layout = None
 
     def _apply(self, fn, recurse=True):
         """nn.Module._apply, except that the range buffers keep their dtype (float16 in the format).
@@ -108,6 +111,7 @@ class BaqLinear(nn.Module):
         every dequantized weight; device moves still apply to them, and the bias follows the cast.
         """
         before = {name: self._buffers[name] for name in FIXED_DTYPE_BUFFERS}
+        self._kernel_layout = None  # built again on the new device
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
