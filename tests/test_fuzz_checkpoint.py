@@ -186,7 +186,7 @@ def guarded(t: torch.Tensor, guard: int = 64) -> torch.Tensor:
     return big[guard : guard + flat.numel()].view(t.shape)
 
 
-LAYOUT_TENSORS = ("codes", "colmap", "group_of", "range_min_t", "range_max_t")
+LAYOUT_TENSORS = ("codes", "colmap", "group_of", "range_min", "range_max")
 
 
 def guard_layout(layout) -> None:

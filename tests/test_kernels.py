@@ -262,7 +262,8 @@ def test_baq_linear_forward(shape: tuple[int, ...], dtype: torch.dtype, name: st
 def test_layout_cached_and_rebuilt_after_changes() -> None:
     lay = make_layer(4, 33, _random_bits(33, [1, 2, 3], 7))
     layout = kernel_layout(lay)
-    assert kernel_layout(lay) is layout and prepare(torch.nn.Sequential(lay)) == 1
+    assert kernel_layout(lay) is layout
+    assert prepare(torch.nn.Sequential(lay)) == (DEVICE.type == "cuda")  # CUDA layers only
     assert kernel_layout(lay) is layout
     # new stored tensors (as after loading another checkpoint into the module) give a new layout
     other = make_layer(4, 33, _random_bits(33, [1, 2, 3], 7), seed=8)
@@ -277,6 +278,37 @@ def test_layout_cached_and_rebuilt_after_changes() -> None:
     layout = kernel_layout(lay)
     lay.to(DEVICE)  # device moves (here a no-op move) drop it too
     assert kernel_layout(lay) is not layout
+
+
+def test_layout_holds_the_codes_and_gives_them_back() -> None:
+    """Once the layout is built the layer keeps one copy of the codes (in the layout); the stored words
+    come back bit for bit through qweight, state_dict, deep copies, device moves and loading."""
+    lay = make_layer(7, 90, _random_bits(90, [0, 2, 3, 5], 9), group_size=30)
+    before = {k: v.clone() for k, v in lay.state_dict().items()}
+    bits = lay.effective_bits
+    x = torch.randn(2, 90, device=DEVICE).half()
+    y = baq_linear_forward(x, lay)
+    assert lay.weight.numel() == 0 and lay._codes_in_layout
+    assert torch.equal(lay.qweight, before["weight"]) and lay.effective_bits == bits
+    assert all(torch.equal(v, before[k]) for k, v in lay.state_dict().items())
+    twin = copy.deepcopy(lay)
+    assert torch.equal(baq_linear_forward(x, twin), y)
+    assert kernel_layout(twin).op_key != kernel_layout(lay).op_key  # the op finds each copy's own layout
+    lay.to(DEVICE)  # a device move puts the words back into weight
+    assert torch.equal(lay.weight, before["weight"]) and lay._kernel_layout is None
+    baq_linear_forward(x, twin)
+    twin.load_state_dict(before)  # loading into a layer whose layout holds the codes
+    assert torch.equal(twin.weight, before["weight"]) and not twin._codes_in_layout
+    assert torch.equal(baq_linear_forward(x, twin), y)
+
+
+def test_offloaded_layers_keep_no_layout() -> None:
+    """accelerate's offload hooks move a layer's tensors in per call: no layout may stay behind."""
+    lay = make_layer(5, 40, 3)
+    lay._hf_hook = type("Hook", (), {"offload": True})()
+    x = torch.randn(1, 40, device=DEVICE).half()
+    assert_close_to_reference(baq_linear_forward(x, lay), x, lay)
+    assert lay._kernel_layout is None and lay.weight.numel() > 0
 
 
 def test_torch_op_and_fake_tensors() -> None:
@@ -295,7 +327,7 @@ def test_torch_op_and_fake_tensors() -> None:
 def test_compiles_without_graph_breaks() -> None:
     """torch.compile traces BaqLinear's kernel forward in one graph (fullgraph), through the op."""
     lay = layer("grouped")
-    prepare(torch.nn.Sequential(lay))
+    kernel_layout(lay)  # built before compiling, as prepare() does on a GPU
     compiled = torch.compile(lambda x: baq_linear_forward(x, lay) * 2, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, lay.in_features, device=DEVICE).half()
     y = compiled(x)
@@ -303,21 +335,27 @@ def test_compiles_without_graph_breaks() -> None:
 
 
 def test_tuned_table_and_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    lay = layer("mixed")
-    layout = kernel_layout(lay)
-    assert configs.choose("gemv", DEVICE, 17, 150, 8, 1, torch.float16, False) == configs.fallback("gemv")
-    key = configs.table_key(17, 150, layout.max_bits, 1, torch.float16, False)
-    tuned = configs.KernelConfig("gemv", block_n=4, block_k=32, num_warps=1)
+    def choose(rows: int, grouped: bool = False, gemv_ok: bool = True) -> configs.KernelConfig:
+        return configs.choose(DEVICE, 17, 150, 8, rows, torch.float16, grouped, gemv_ok)
+
+    assert choose(1) == configs.fallback("gemv")
+    assert choose(1, grouped=True, gemv_ok=False) == choose(2) == configs.fallback("tile")
+    tuned = configs.KernelConfig("tile", block_n=32, block_k=32, num_warps=2)  # a tile kernel for one row
+    table = {
+        configs.table_key(17, 150, 8, b, torch.float16, False): {**configs.config_dict(tuned), "us": 1.0}
+        for b in (1, 4)
+    }
     path = tmp_path / "table.json"
-    configs.write_table(path, "test", "pytest", {key: {**configs.config_dict(tuned), "us": 1.0}})
+    configs.write_table(path, "test", "pytest", table)
     monkeypatch.setenv(configs.CONFIGS_ENV, str(path))
-    assert configs.choose("gemv", DEVICE, 17, 150, layout.max_bits, 1, torch.float16, False) == tuned
-    assert configs.choose(
-        "tile", DEVICE, 17, 150, layout.max_bits, 2, torch.float16, False
-    ) == configs.fallback("tile")
+    assert choose(1) == choose(3) == tuned
+    assert choose(2) == configs.fallback("tile")  # bucket 2 is not in the table
     for kernel in ("gemv", "tile"):
         grid = configs.candidates(kernel)
         assert configs.fallback(kernel) in grid and len(grid) == len(set(grid)) <= 40
+    monkeypatch.setenv(configs.CONFIGS_ENV, str(tmp_path / "absent.json"))
+    with pytest.raises(FileNotFoundError, match=configs.CONFIGS_ENV):
+        choose(1)
 
 
 def test_cpu_without_interpreter_raises(monkeypatch: pytest.MonkeyPatch) -> None:

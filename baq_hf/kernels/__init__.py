@@ -47,17 +47,26 @@ def _ops(device: torch.device) -> ModuleType:
     return ops
 
 
+def _offloaded(layer) -> bool:
+    """True if accelerate moves this layer's tensors in for each forward (CPU or disk offload)."""
+    hook = getattr(layer, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    return any(getattr(h, "offload", False) for h in hooks)
+
+
 def kernel_layout(layer) -> KernelLayout:
     """The kernel layout of a :class:`baq_hf.linear.BaqLinear`, built on its device on first use.
 
-    BaqLinear drops it (``_kernel_layout = None``) whenever its stored tensors may change: new header
-    (``post_init``), ``load_state_dict`` and device moves; it is then rebuilt here.
+    The layer keeps it (``set_kernel_layout``), which then holds the codes: the GPU keeps one copy.
+    BaqLinear drops it whenever its stored tensors may change (``post_init``, ``load_state_dict``,
+    device moves). Layers that accelerate offloads get a layout per call, never kept, so that the
+    offloaded weights do not stay on the GPU.
     """
-    layout = getattr(layer, "_kernel_layout", None)
-    if layout is None or layout.device != layer.qweight.device:
-        q = layer.qweight
+    layout = layer._kernel_layout
+    if layout is None or layout.device != layer.perm.device:
+        layer.drop_kernel_layout()
         layout = build_layout(
-            q,
+            layer.qweight.to(layer.perm.device),
             layer.bits_header,
             layer.perm,
             layer.range_min,
@@ -65,21 +74,29 @@ def kernel_layout(layer) -> KernelLayout:
             layer.group_index,
             layer.out_features,
         )
-        layout.op_key = next(_KEYS)
-        LAYOUTS[layout.op_key] = layout
-        layer._kernel_layout = layout
+        _register(layout)
+        if not _offloaded(layer):
+            layer.set_kernel_layout(layout, hold_codes=True)
+    elif not torch.compiler.is_compiling() and LAYOUTS.get(layout.op_key) is not layout:
+        _register(layout)  # a deep copy of a layer carries its layout with the original's key
     return layout
 
 
-def prepare(model: nn.Module) -> int:
-    """Build the kernel layout of every BaqLinear in ``model`` now (on their devices); returns how many.
+def _register(layout: KernelLayout) -> None:
+    layout.op_key = next(_KEYS)
+    LAYOUTS[layout.op_key] = layout
 
-    Call it after loading and moving the model, before ``torch.compile``: layouts are built with
-    host-side code that a compiled graph should not contain.
+
+def prepare(model: nn.Module) -> int:
+    """Build the kernel layout of every BaqLinear of ``model`` on a CUDA device; returns how many.
+
+    BaqLinear builds its layout on first use anyway; call this after loading and moving the model and
+    before ``torch.compile``, so that the host-side building stays out of compiled graphs (loading a
+    BAQ checkpoint with ``from_pretrained`` does it for the layers it places on GPUs).
     """
     from ..linear import BaqLinear
 
-    layers = [m for m in model.modules() if isinstance(m, BaqLinear)]
+    layers = [m for m in model.modules() if isinstance(m, BaqLinear) and m.perm.is_cuda]
     for layer in layers:
         kernel_layout(layer)
     return len(layers)
@@ -103,5 +120,5 @@ def dequantize_triton(layer, dtype: torch.dtype = torch.float16) -> torch.Tensor
 
     Equals ``layer.dequantize().to(dtype)`` bit for bit, for dtype fp16, bf16 or fp32.
     """
-    ops = _ops(layer.qweight.device)
+    ops = _ops(layer.perm.device)
     return ops.tk.dequantize(kernel_layout(layer), dtype)

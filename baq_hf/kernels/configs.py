@@ -1,10 +1,10 @@
 """Launch configurations of the BAQ kernels: a small pruned grid, tuned tables per GPU, a fallback.
 
-A configuration is chosen per (M, N, max bits, batch bucket, activation dtype). Tables measured on a
-GPU (``benchmarks/kernels.py --tune`` writes them) live in ``baq_hf/kernels/tuned/<gpu>.json``, or in
-the file named by ``BAQ_HF_KERNEL_CONFIGS``; a shape that no table covers gets :func:`fallback`, a
-guess that keeps 16-byte loads and enough programs in flight. No timing is ever made up: a table
-holds only what a GPU run measured, with its command.
+A kernel and its configuration are chosen per (M, N, max bits, batch bucket, activation dtype,
+grouped). Tables measured on a GPU (``benchmarks/kernels.py --tune`` writes them) live in
+``baq_hf/kernels/tuned/<gpu>.json``, or in the file named by ``BAQ_HF_KERNEL_CONFIGS``; a shape that
+no table covers gets :func:`fallback`, a guess that keeps 16-byte loads and enough programs in
+flight. No timing is ever made up: a table holds only what a GPU run measured, with its command.
 """
 
 from __future__ import annotations
@@ -51,17 +51,18 @@ def table_key(m: int, n: int, max_bits: int, bucket: int, dtype: torch.dtype, gr
 
 
 def candidates(kernel: str) -> list[KernelConfig]:
-    """The pruned grid a tuning run times. gemv: 16-byte loads need >= 4 words of a run row per thread,
-    and R words of up to 8 bits times more than 16 per thread would not fit in registers; tile: 8..64
-    elements of the code tile per thread."""
+    """The pruned grid a tuning run times.
+
+    gemv: a program covers ``block_n`` output rows, 4 or 8 per thread (one or two 16-byte loads per
+    word row; fewer would lose the vector loads, more would hold 8-bit runs' words in too many
+    registers), and walks ``block_k`` columns. tile: 8..64 elements of the code tile per thread.
+    """
     out = []
     if kernel == "gemv":
-        for block_n in (64, 128, 256):
-            for runs in (1, 2, 4, 8):
-                for warps in (1, 2, 4, 8):
-                    per_thread = runs * block_n // (32 * warps)
-                    if 4 <= per_thread <= 16:
-                        out.append(KernelConfig("gemv", block_n, 32 * runs, warps))
+        for warps in (1, 2, 4):
+            for per_thread in (4, 8):
+                for block_k in (32, 64, 128, 256):
+                    out.append(KernelConfig("gemv", 32 * warps * per_thread, block_k, warps))
     elif kernel == "tile":
         for block_n in (32, 64, 128):
             for block_k in (32, 64, 128):
@@ -74,11 +75,11 @@ def candidates(kernel: str) -> list[KernelConfig]:
 
 
 def fallback(kernel: str) -> KernelConfig:
-    """Untuned defaults: 4 words per thread (one 16-byte load per run word) and K tiles of 128 or 64
-    columns, which gives large layers about a thousand programs (4096 x 4096: 32 row tiles x 32+ K
-    tiles), enough to keep every SM busy."""
+    """Untuned defaults. gemv: 4 rows per thread (one 16-byte load per word row) and K tiles of 64
+    columns, which gives a 4096 x 4096 layer 16 row tiles x ~70 K tiles, about 8 programs per SM of an
+    H100 or H200. tile: a 64 x 64 code tile per 4 warps."""
     if kernel == "gemv":
-        return KernelConfig("gemv", block_n=128, block_k=128, num_warps=4)
+        return KernelConfig("gemv", block_n=256, block_k=64, num_warps=2)
     return KernelConfig("tile", block_n=64, block_k=64, num_warps=4)
 
 
@@ -99,6 +100,11 @@ def table_path(device: torch.device) -> Path | None:
     """The table to use on ``device``: $BAQ_HF_KERNEL_CONFIGS, else the shipped one for its GPU name."""
     env = os.environ.get(CONFIGS_ENV)
     if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(
+                f"{CONFIGS_ENV}={env} is not a file; unset it, or point it at a table written by "
+                "`python benchmarks/kernels.py --tune`"
+            )
         return Path(env)
     if device.type != "cuda":
         return None
@@ -107,7 +113,6 @@ def table_path(device: torch.device) -> Path | None:
 
 
 def choose(
-    kernel: str,
     device: torch.device,
     m: int,
     n: int,
@@ -115,14 +120,17 @@ def choose(
     rows: int,
     dtype: torch.dtype,
     grouped: bool,
+    gemv_ok: bool,
 ) -> KernelConfig:
-    """The tuned configuration for this shape if a table has it, else :func:`fallback`."""
+    """The kernel and configuration for ``rows`` (1-16) rows of x: the tuned table's entry for this shape
+    if there is one (and it is usable: the GEMV needs ``gemv_ok``), else :func:`fallback` (the GEMV for
+    one row when it can, the tile kernel otherwise)."""
     path = table_path(device)
     if path is not None:
         entry = load_table(str(path)).get(table_key(m, n, max_bits, batch_bucket(rows), dtype, grouped))
-        if entry is not None and entry.kernel == kernel:
+        if entry is not None and (entry.kernel == "tile" or (gemv_ok and rows == 1)):
             return entry
-    return fallback(kernel)
+    return fallback("gemv" if gemv_ok and rows == 1 else "tile")
 
 
 def write_table(path: Path, gpu: str, command: str, entries: dict[str, dict]) -> None:

@@ -16,8 +16,7 @@ built on the device at load time from the stored tensors (plain torch ops, tenso
   the stored columns (sorted by bitwidth), so this is ``perm`` itself; 0-bit columns come first and
   store no codes.
 - ``group_of`` (int32, ``[in_features]``, grouped layers only): ``group_index``.
-- ``range_min_t`` / ``range_max_t`` (fp16, ``[G, out_features]``): the ranges, transposed so that a tile
-  of output rows reads them coalesced.
+- ``range_min`` / ``range_max`` (fp16, ``[out_features, G]``), ``bits_header``: the stored tensors.
 - per segment, the stored stream's pad bits above the last code (``pad_bits``), so that
   :func:`stored_tensors` gives back the stored tensors bit for bit.
 
@@ -72,11 +71,12 @@ class StoredTensors(NamedTuple):
 class KernelLayout:
     """Device tensors the kernels read, and the host-side facts that select kernel variants."""
 
+    device: torch.device  # a plain field: compiled code checks it without touching a tensor
     codes: torch.Tensor
     colmap: torch.Tensor
     group_of: torch.Tensor | None
-    range_min_t: torch.Tensor
-    range_max_t: torch.Tensor
+    range_min: torch.Tensor
+    range_max: torch.Tensor
     bits_header: torch.Tensor
     pad_bits: tuple[int, ...]
     segments: tuple[LayoutSegment, ...]
@@ -91,21 +91,19 @@ class KernelLayout:
     launch_configs: dict = field(default_factory=dict, repr=False)
 
     @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    @property
     def grouped(self) -> bool:
         return self.group_of is not None
 
     @property
     def n_groups(self) -> int:
-        return self.range_min_t.shape[0]
+        return self.range_min.shape[1]
 
     @property
     def widths(self) -> int:
-        """Bitmask of the bitwidths >= 1 present (bit R set for R-bit columns): selects kernel code."""
-        return sum(1 << b for b in {s.bits for s in self.segments if s.bits})
+        """Bitmask of the bitwidths the GEMV compiles code for: every R from the smallest to the largest
+        >= 1 present, so that layers with similar histograms share one compiled kernel."""
+        present = [s.bits for s in self.segments if s.bits]
+        return sum(1 << r for r in range(min(present), max(present) + 1)) if present else 0
 
     @property
     def max_bits(self) -> int:
@@ -123,7 +121,7 @@ class KernelLayout:
 
     def nbytes(self) -> int:
         """Bytes of the layout's own tensors (shared ones, such as colmap = perm, counted too)."""
-        tensors = [self.codes, self.colmap, self.range_min_t, self.range_max_t, self.bits_header]
+        tensors = [self.codes, self.colmap, self.range_min, self.range_max, self.bits_header]
         if self.group_of is not None:
             tensors.append(self.group_of)
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -178,8 +176,7 @@ def build_layout(
 ) -> KernelLayout:
     """The kernel layout of validated stored tensors, on ``qweight``'s device (see the module doc).
 
-    ``perm``, ``group_index`` and ``bits_header`` are referenced, not copied; per-row ranges (G = 1)
-    are viewed, grouped ones transposed into new tensors.
+    Only ``codes`` is a new tensor; the others are the stored tensors themselves, referenced.
     """
     device = qweight.device
     m = out_features
@@ -201,11 +198,12 @@ def build_layout(
     widths = sorted({s.bits for s in layout_segments if s.bits})
     max_zero, max_qz = grid_bounds(range_min, range_max, widths)
     return KernelLayout(
+        device=device,
         codes=codes,
         colmap=perm,
         group_of=group_index,
-        range_min_t=range_min.t().contiguous(),
-        range_max_t=range_max.t().contiguous(),
+        range_min=range_min,
+        range_max=range_max,
         bits_header=bits_header,
         pad_bits=tuple(pad_bits),
         segments=tuple(layout_segments),
@@ -216,21 +214,22 @@ def build_layout(
     )
 
 
-def stored_tensors(layout: KernelLayout) -> StoredTensors:
-    """The exact inverse of :func:`build_layout`: the stored tensors, bit for bit, on the layout's device."""
+def stored_qweight(layout: KernelLayout) -> torch.Tensor:
+    """The stored ``qweight`` words, bit for bit (pad bits included), rebuilt from the layout's codes."""
     m = layout.out_features
-    parts = []
     pads = iter(layout.pad_bits)
-    for ls in layout.segments:
-        if ls.bits:
-            parts.append(_restore_segment(layout.codes, ls, m, next(pads)))
-    qweight = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32, device=layout.device)
+    parts = [_restore_segment(layout.codes, ls, m, next(pads)) for ls in layout.segments if ls.bits]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32, device=layout.device)
+
+
+def stored_tensors(layout: KernelLayout) -> StoredTensors:
+    """The exact inverse of :func:`build_layout`: the stored tensors, on the layout's device."""
     return StoredTensors(
-        qweight=qweight,
+        qweight=stored_qweight(layout),
         bits_header=layout.bits_header,
         perm=layout.colmap,
-        range_min=layout.range_min_t.t().contiguous(),
-        range_max=layout.range_max_t.t().contiguous(),
+        range_min=layout.range_min,
+        range_max=layout.range_max,
         group_index=layout.group_of,
     )
 

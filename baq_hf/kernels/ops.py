@@ -1,7 +1,8 @@
 """BaqLinear's CUDA forward over the kernel layout, and its ``torch.library`` op for compile and graphs.
 
-:func:`linear` picks the kernel by the number of rows of x: the GEMV for one row (per-row ranges), the
-tile kernel for 1-16 rows, dequantize (to W^T, coalesced) + one matmul above. It allocates y and
+:func:`linear` picks the kernel by the number of rows of x (see :func:`configs.choose`: the GEMV for
+one row of a per-row layer, the tile kernel for 1-16 rows, unless a tuned table says otherwise), and
+above 16 rows dequantizes W^T (coalesced writes) for one matmul. It allocates y and
 launches one kernel. ``torch.ops.baq_hf.linear`` wraps it as an opaque custom op with a fake
 implementation, so that ``torch.compile`` traces a model through BaqLinear without graph breaks and
 CUDA graphs capture it; the op finds the layout by its key in ``baq_hf.kernels.LAYOUTS`` (an int),
@@ -18,12 +19,13 @@ from . import triton_kernels as tk
 from .layout import KernelLayout
 
 
-def _config(layout: KernelLayout, kernel: str, rows: int, dtype: torch.dtype) -> configs.KernelConfig:
-    cache = layout.launch_configs
-    key = (kernel, configs.batch_bucket(rows), dtype)
-    if key not in cache:
-        cache[key] = configs.choose(
-            kernel,
+def _config(layout: KernelLayout, rows: int, dtype: torch.dtype) -> configs.KernelConfig:
+    """The kernel and launch config for this many rows (cached on the layout: one dict look-up per call)."""
+    key = (configs.batch_bucket(rows), dtype)
+    cfg = layout.launch_configs.get(key)
+    if cfg is None:
+        gemv_ok = not layout.grouped and layout.zero_fold_exact
+        cfg = configs.choose(
             layout.device,
             layout.out_features,
             layout.in_features,
@@ -31,8 +33,10 @@ def _config(layout: KernelLayout, kernel: str, rows: int, dtype: torch.dtype) ->
             rows,
             dtype,
             layout.grouped,
+            gemv_ok,
         )
-    return cache[key]
+        layout.launch_configs[key] = cfg
+    return cfg
 
 
 def linear(x: torch.Tensor, layout: KernelLayout, bias: torch.Tensor | None) -> torch.Tensor:
@@ -47,10 +51,10 @@ def linear(x: torch.Tensor, layout: KernelLayout, bias: torch.Tensor | None) -> 
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)  # the torch path rounds the bias to the activation dtype too
     rows = x2.shape[0]
-    if rows == 1 and not layout.grouped and layout.zero_fold_exact:
-        y = tk.gemv(x2, layout, bias, **_config(layout, "gemv", 1, x.dtype).launch_args())
-    elif rows <= tk.MAX_TILE_ROWS:
-        y = tk.tile_matmul(x2, layout, bias, **_config(layout, "tile", max(rows, 1), x.dtype).launch_args())
+    if rows <= tk.MAX_TILE_ROWS:
+        cfg = _config(layout, max(rows, 1), x.dtype)
+        launch = tk.gemv if cfg.kernel == "gemv" else tk.tile_matmul
+        y = launch(x2, layout, bias, **cfg.launch_args())
     else:
         wt = tk.dequantize(layout, x.dtype, transposed=True)
         y = x2 @ wt if bias is None else torch.addmm(bias, x2, wt)

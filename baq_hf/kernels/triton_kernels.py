@@ -3,13 +3,14 @@
 This module imports triton at import time; :mod:`baq_hf.kernels` imports it lazily, so that machines
 without triton (or without a GPU) can use the rest of the package.
 
-- ``_gemv_kernel`` (one row of x, per-row ranges): programs over (row tile, K tile). A K tile is
-  ``RUNS`` runs of 32 columns of one bitwidth R; each run of an output row is R whole words, loaded
-  once as ``[RUNS, BLOCK_N]`` int32 tiles (16-byte loads along the output dimension). The 32 codes of a
-  run are decoded by a loop unrolled at compile time for every bitwidth the layer has (constant shifts
-  and masks; only the codes that straddle two words read the next word). The row's zero point is
-  folded into the int -> float conversion: ``(2^23 + q) - (2^23 + zero)`` is ``q - zero`` exactly when
-  ``|zero| < 2^22`` (checked when the layout is built), and the scale multiplies the tile's sum.
+- ``_gemv_kernel`` (one row of x, per-row ranges): programs over (row tile, K tile). A K tile is up to
+  ``BLOCK_K / 32`` runs of 32 columns of one bitwidth R, walked by a runtime loop; a run of an output
+  row is R whole words, loaded as ``[BLOCK_N]`` int32 vectors (16-byte loads, 4 output rows per load).
+  The 32 codes of a run are decoded by a loop unrolled at compile time for each bitwidth the layer has
+  (constant shifts and masks; only the codes that straddle two words read the next word), and each
+  code's x is one scalar load through the column map. The row's zero point is folded into the
+  int -> float conversion: ``(2^23 + q) - (2^23 + zero)`` is ``q - zero`` exactly when ``|zero| < 2^22``
+  (checked when the layout is built), and the scale multiplies the tile's sum.
 - ``_tile_kernel`` (1-16 rows, or grouped ranges): the same tiles decoded as ``[BLOCK_K, BLOCK_N]``
   codes with per-column shifts (R is a runtime value here), fed to ``tl.dot`` for more than one row.
   With per-row ranges the dot takes ``q - zero`` (exact in fp16 / bf16 when the layout's bound says so)
@@ -17,6 +18,9 @@ without triton (or without a GPU) can use the rest of the package.
   activation dtype, as the torch path's ``W.to(dtype)`` does.
 - ``_dequant_kernel``: the dense weight, exactly as :func:`baq_hf.format.dequantize_weight` computes it,
   written through strides (``W`` or ``W^T``).
+
+The row count and the number of K tiles are not specialized on (``do_not_specialize``), so that every
+layer of a model with the same dtypes, bitwidth range and config shares one compiled kernel.
 
 One launch per product: every program adds its fp32 partial sums into a persistent workspace with
 atomics; the last program of a row tile (a per-row-tile counter says which) reads the sums back while
@@ -138,8 +142,22 @@ def _run_word(q_ptr, row, wrow_end, offs_n, nmask, M):
 
 
 @triton.jit
-def _gemv_tile(q_ptr, x_ptr, colmap_ptr, mn, mx, offs_n, nmask, M, kcol0, ncols, wrow0, wrow_end,
-               R: tl.constexpr, BLOCK_N: tl.constexpr):
+def _gemv_tile(
+    q_ptr,
+    x_ptr,
+    colmap_ptr,
+    mn,
+    mx,
+    offs_n,
+    nmask,
+    M,
+    kcol0,
+    ncols,
+    wrow0,
+    wrow_end,
+    R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """sum over the tile's columns k of W[n, k] x[k] for R-bit codes: ``[BLOCK_N]`` fp32.
 
     A runtime loop over the tile's runs; within a run, the 32 codes are decoded by a loop unrolled at
@@ -170,10 +188,25 @@ def _gemv_tile(q_ptr, x_ptr, colmap_ptr, mn, mx, offs_n, nmask, M, kcol0, ncols,
     return acc * scale
 
 
-@triton.jit
-def _gemv_kernel(x_ptr, out_ptr, q_ptr, colmap_ptr, rmin_ptr, rmax_ptr, bias_ptr, tile_ptr, ws_ptr, cnt_ptr,
-                 M, n_tiles, WIDTHS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+@triton.jit(do_not_specialize=["n_tiles"])
+def _gemv_kernel(
+    x_ptr,
+    out_ptr,
+    q_ptr,
+    colmap_ptr,
+    rmin_ptr,
+    rmax_ptr,
+    bias_ptr,
+    tile_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    n_tiles,
+    WIDTHS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """y = W x + b for one row x: this program's (row tile, K tile) share, then :func:`_finish`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -187,10 +220,40 @@ def _gemv_kernel(x_ptr, out_ptr, q_ptr, colmap_ptr, rmin_ptr, rmax_ptr, bias_ptr
     for R in tl.static_range(1, 16):
         if (WIDTHS >> R) & 1:  # noqa: SIM102 (compile-time test; the inner one is a runtime branch)
             if bits == R:
-                part += _gemv_tile(q_ptr, x_ptr, colmap_ptr, mn, mx, offs_n, nmask, M, kcol0, ncols, wrow0,
-                                   wrow_end, R, BLOCK_N)
-    _finish(part, ws_ptr, cnt_ptr, out_ptr, bias_ptr, 0, True, offs_n, nmask, pid_n, n_tiles, M, 0,
-            HAS_BIAS, OUT_BF16, False)
+                part += _gemv_tile(
+                    q_ptr,
+                    x_ptr,
+                    colmap_ptr,
+                    mn,
+                    mx,
+                    offs_n,
+                    nmask,
+                    M,
+                    kcol0,
+                    ncols,
+                    wrow0,
+                    wrow_end,
+                    R,
+                    BLOCK_N,
+                )
+    _finish(
+        part,
+        ws_ptr,
+        cnt_ptr,
+        out_ptr,
+        bias_ptr,
+        0,
+        True,
+        offs_n,
+        nmask,
+        pid_n,
+        n_tiles,
+        M,
+        0,
+        HAS_BIAS,
+        OUT_BF16,
+        False,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +276,7 @@ def _decode_tile(q_ptr, bits, wrow0, offs_k, kmask, offs_n, nmask, M):
     return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "n_tiles"])
 def _tile_kernel(
     x_ptr,
     out_ptr,
@@ -228,6 +291,7 @@ def _tile_kernel(
     cnt_ptr,
     B,
     M,
+    G,
     stride_xb,
     stride_ob,
     n_tiles,
@@ -253,7 +317,7 @@ def _tile_kernel(
     levels = ((1 << bits) - 1).to(tl.float32)
     if GROUPED:
         g = tl.load(group_ptr + kcol0 + offs_k, mask=kmask, other=0)
-        roff = g[:, None] * M + offs_n[None, :]
+        roff = offs_n[None, :] * G + g[:, None]
         m2 = kmask[:, None] & nmask[None, :]
         mn = tl.load(rmin_ptr + roff, mask=m2, other=-1.0).to(tl.float32)
         mx = tl.load(rmax_ptr + roff, mask=m2, other=1.0).to(tl.float32)
@@ -316,6 +380,7 @@ def _dequant_kernel(
     rmax_ptr,
     tile_ptr,
     M,
+    G,
     stride_oc,
     stride_on,
     GROUPED: tl.constexpr,
@@ -336,7 +401,7 @@ def _dequant_kernel(
     levels = tl.maximum((1 << bits) - 1, 1).to(tl.float32)
     if GROUPED:
         g = tl.load(group_ptr + kcol0 + offs_k, mask=kmask, other=0)
-        roff = g[:, None] * M + offs_n[None, :]
+        roff = offs_n[None, :] * G + g[:, None]
         mn = tl.load(rmin_ptr + roff, mask=m2, other=-1.0).to(tl.float32)
         mx = tl.load(rmax_ptr + roff, mask=m2, other=1.0).to(tl.float32)
         scale, zero = _grid(mn, mx, tl.zeros([BLOCK_K, BLOCK_N], tl.float32) + levels)
@@ -423,8 +488,8 @@ def gemv(
         y.view(torch.int16) if out_bf16 else y,
         layout.codes,
         layout.colmap,
-        layout.range_min_t,
-        layout.range_max_t,
+        layout.range_min,
+        layout.range_max,
         bias if bias is not None else ws,
         tiles,
         ws,
@@ -476,14 +541,15 @@ def tile_matmul(
         layout.codes,
         layout.colmap,
         layout.group_of if layout.grouped else dummy,
-        layout.range_min_t,
-        layout.range_max_t,
+        layout.range_min,
+        layout.range_max,
         bias if bias is not None else ws,
         tiles,
         ws,
         cnt,
         b,
         m,
+        layout.n_groups,
         x2.stride(0),
         y.stride(0),
         n_tiles,
@@ -528,10 +594,11 @@ def dequantize(
         layout.codes if layout.codes.numel() else layout.colmap,
         layout.colmap,
         layout.group_of if layout.grouped else layout.colmap,
-        layout.range_min_t,
-        layout.range_max_t,
+        layout.range_min,
+        layout.range_max,
         tiles,
         m,
+        layout.n_groups,
         stride_oc,
         stride_on,
         GROUPED=layout.grouped,
