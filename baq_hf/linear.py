@@ -142,12 +142,14 @@ class BaqLinear(nn.Module):
     def set_kernel_layout(self, layout: KernelLayout, hold_codes: bool) -> None:
         """Keep the kernel layout that :mod:`baq_hf.kernels` built from this layer's stored tensors.
 
-        With ``hold_codes`` the layout holds the codes from now on and ``weight`` is emptied, so the GPU
-        keeps one copy of them; ``qweight``, ``state_dict`` and device moves rebuild the stored words
+        With ``hold_codes`` the layout holds the codes from now on: its ``codes`` become the
+        non-persistent buffer ``kernel_codes`` (so memory accounting sees them) and ``weight`` is emptied,
+        so the GPU keeps one copy; ``qweight``, ``state_dict`` and device moves rebuild the stored words
         from the layout, bit for bit.
         """
         self._kernel_layout = layout
         if hold_codes and not self._codes_in_layout:
+            self.register_buffer("kernel_codes", layout.codes, persistent=False)
             self._buffers["weight"] = self.weight.new_empty(0)
             self._codes_in_layout = True
 
@@ -155,6 +157,7 @@ class BaqLinear(nn.Module):
         """Forget the kernel layout (stale after any change); the codes go back to ``weight`` first."""
         if self._codes_in_layout:
             self._buffers["weight"] = stored_qweight(self._kernel_layout)
+            del self.kernel_codes
             self._codes_in_layout = False
         self._kernel_layout = None
 

@@ -63,7 +63,8 @@ def kernel_layout(layer) -> KernelLayout:
     offloaded weights do not stay on the GPU.
     """
     layout = layer._kernel_layout
-    if layout is None or layout.device != layer.perm.device:
+    offloaded = _offloaded(layer)
+    if layout is None or offloaded or layout.device != layer.perm.device:
         layer.drop_kernel_layout()
         layout = build_layout(
             layer.qweight.to(layer.perm.device),
@@ -75,7 +76,7 @@ def kernel_layout(layer) -> KernelLayout:
             layer.out_features,
         )
         _register(layout)
-        if not _offloaded(layer):
+        if not offloaded:
             layer.set_kernel_layout(layout, hold_codes=True)
     elif not torch.compiler.is_compiling() and LAYOUTS.get(layout.op_key) is not layout:
         _register(layout)  # a deep copy of a layer carries its layout with the original's key
