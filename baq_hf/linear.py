@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import format as fmt
+from .kernels.layout import KernelLayout, stored_qweight
 
 FORCE_TORCH_ENV = "BAQ_HF_FORCE_TORCH"
 # Buffers that define the format's exact quantization grid (stored as float16): they follow device moves
@@ -63,6 +64,8 @@ class BaqLinear(nn.Module):
             self.register_parameter("bias", None)
         self._stored_bits: torch.Tensor | None = None
         self._segments: list[fmt.Segment] | None = None
+        self._kernel_layout = None  # baq_hf.kernels' layout of the stored tensors (set_kernel_layout)
+        self._codes_in_layout = False
 
     # ------------------------------------------------------------------ construction
 
@@ -108,15 +111,26 @@ class BaqLinear(nn.Module):
         return cls.from_tensors({key: t.cpu() for key, t in tensors.items()})
 
     def post_init(self) -> None:
-        """Rebuild the derived per-column bitwidths and segments from the loaded header."""
+        """Rebuild the derived per-column bitwidths and segments from the loaded header (and drop the
+        kernel layout, which may no longer match it)."""
+        self.drop_kernel_layout()
+        self._derive_from_header()
+
+    def _derive_from_header(self) -> None:
         self._stored_bits = fmt.unpack_header(self.bits_header.cpu(), self.in_features)
         self._segments = fmt.segments_from_bits(self._stored_bits, self.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.drop_kernel_layout()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # a new bits_header makes the derived bitwidths and segments stale: rebuild them on next use
         self._stored_bits = None
         self._segments = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._codes_in_layout:  # the stored words, rebuilt exactly from the kernel layout
+            destination[prefix + "weight"] = self.qweight
 
     def _apply(self, fn, recurse=True):
         """nn.Module._apply, except that the range buffers keep their dtype (float16 in the format).
@@ -124,6 +138,7 @@ class BaqLinear(nn.Module):
         ``model.to(torch.bfloat16)``, ``.half()`` or ``.float()`` would otherwise round them and change
         every dequantized weight; device moves still apply to them, and the bias follows the cast.
         """
+        self.drop_kernel_layout()  # built again on the new device
         before = {name: self._buffers[name] for name in FIXED_DTYPE_BUFFERS}
         super()._apply(fn, recurse)
         for name, old in before.items():
@@ -135,6 +150,8 @@ class BaqLinear(nn.Module):
     @property
     def qweight(self) -> torch.Tensor:
         """The packed codes (int32 words), stored in the checkpoint as ``<layer>.weight``."""
+        if self._codes_in_layout:
+            return stored_qweight(self._kernel_layout)
         return self.weight
 
     @property
@@ -143,6 +160,29 @@ class BaqLinear(nn.Module):
         return fmt.PackedLayout(
             self.out_features, self.in_features, self.weight.numel(), self.group_size, self.bias is not None
         )
+    # ------------------------------------------------------------------ kernel layout (GPU kernels)
+
+    def set_kernel_layout(self, layout: KernelLayout, hold_codes: bool) -> None:
+        """Keep the kernel layout that :mod:`baq_hf.kernels` built from this layer's stored tensors.
+
+        With ``hold_codes`` the layout holds the codes from now on: its ``codes`` become the
+        non-persistent buffer ``kernel_codes`` (so memory accounting sees them) and ``weight`` is emptied,
+        so the GPU keeps one copy; ``qweight``, ``state_dict`` and device moves rebuild the stored words
+        from the layout, bit for bit.
+        """
+        self._kernel_layout = layout
+        if hold_codes and not self._codes_in_layout:
+            self.register_buffer("kernel_codes", layout.codes, persistent=False)
+            self._buffers["weight"] = self.weight.new_empty(0)
+            self._codes_in_layout = True
+
+    def drop_kernel_layout(self) -> None:
+        """Forget the kernel layout (stale after any change); the codes go back to ``weight`` first."""
+        if self._codes_in_layout:
+            self._buffers["weight"] = stored_qweight(self._kernel_layout)
+            del self.kernel_codes
+            self._codes_in_layout = False
+        self._kernel_layout = None
 
     def validate(self, name: str = "") -> None:
         """Check loaded tensors against each other before anything runs (checkpoints are untrusted)."""
@@ -152,13 +192,13 @@ class BaqLinear(nn.Module):
     @property
     def stored_bits(self) -> torch.Tensor:
         if self._stored_bits is None:
-            self.post_init()
+            self._derive_from_header()
         return self._stored_bits
 
     @property
     def segments(self) -> list[fmt.Segment]:
         if self._segments is None:
-            self.post_init()
+            self._derive_from_header()
         return self._segments
 
     def column_bits(self) -> torch.Tensor:

@@ -102,6 +102,9 @@ class BaqHfQuantizer(HfQuantizer):
             for name, module in model.named_modules():
                 if isinstance(module, BaqLinear):
                     module.validate(name)
+            from .kernels import prepare
+
+            prepare(model)  # the kernel layouts of the layers loaded onto a GPU, built there now
             return model
         from .data import calibration_and_heldout
         from .sanity import SANITY_SEQLEN, SANITY_WINDOWS, heldout_nll, sanity_report

@@ -1,29 +1,42 @@
 """Benchmark the BaqLinear Triton kernels against fp16 torch.matmul on one CUDA GPU.
 
-    python benchmarks/kernel_bench.py                 # all shapes, code bits 2, 2.5, 3, 4
-    python benchmarks/kernel_bench.py --tune          # also sweep the fused kernel's block sizes
-    python benchmarks/kernel_bench.py --dry-run       # CPU: build the layers and print their sizes only
+    python benchmarks/kernel_bench.py --tune --graph  # sweep configs (writes the tuned table), layer table,
+                                                 # 32 layers replayed in a CUDA graph
+    python benchmarks/kernel_bench.py                 # layer table only, with the tuned table if one exists
+    python benchmarks/kernel_bench.py --dry-run       # CPU: every step on tiny shapes, Triton interpreter
 
-For each layer shape (Llama-2-7B and SmolLM2-135M projections) and mean code bitwidth it builds a
-BaqLinear with a BAQ-like bitwidth histogram and random codes, checks the kernels against the torch
-reference, then times (triton.testing.do_bench: median, L2 flushed before every run, as when a whole
-model's weights stream through once per token):
+For each Llama-2-7B projection shape and mean code bitwidth it builds a BaqLinear with a BAQ-like
+bitwidth histogram and random codes, checks the kernels against the torch reference, then times
+(triton.testing.do_bench: median, L2 flushed before every run, as when a model's weights stream
+through once per token) at 1, 2, 8 and 16 rows of x:
 
-- the fused mixed-bit GEMV at batch 1 and 8, with the bytes it must read and the achieved bandwidth
-  as a fraction of the GPU's peak (--peak-tbps, default from a table of known GPUs);
-- dequantize + matmul at batch 8 (the prefill path) and the dequantizer alone;
-- fp16 torch.matmul (F.linear) at batch 1 and 8 on the same (dequantized) weight.
+- BaqLinear's CUDA forward (``baq_hf.kernels.ops.linear``: the GEMV or the tile kernel, one launch),
+  with the bytes it reads and the bandwidth as a fraction of the GPU's peak (--peak-tbps, default from
+  a table of known GPUs);
+- dequantize (W^T, fp16) + matmul, and the dequantizer alone (the prefill path);
+- fp16 torch.matmul (F.linear) on the same (dequantized) weight.
 
+``--tune`` first times the pruned config grid (baq_hf.kernels.configs.candidates) per shape and batch
+bucket at ``--tune-bits`` and writes the winners to baq_hf/kernels/tuned/<gpu>.json (or --table-dir),
+which the forward then uses. ``--graph`` captures the 224 projections of 32 Llama-2-7B blocks (batch
+1) in one CUDA graph, for BAQ and for fp16, and reports the replay time and % of peak bandwidth: a
+single layer's time has a timer floor of a few microseconds, a stack of layers does not.
+Kernels are compiled before timing, in parallel processes (Triton's on-disk cache carries them over).
 Results go to docs/results/kernels.md and kernels.json, with the GPU name and the exact command.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
+import multiprocessing
+import os
 import platform
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +44,8 @@ import torch.nn.functional as F
 
 from baq_hf import format as fmt
 from baq_hf.format import PackedWeight, pack_weight
+from baq_hf.kernels import configs, kernel_layout
+from baq_hf.kernels.layout import KernelLayout
 from baq_hf.linear import BaqLinear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,14 +56,11 @@ LLAMA2_7B_SHAPES = [
     ("llama2-7b gate/up 11008x4096", 11008, 4096),
     ("llama2-7b down 4096x11008", 4096, 11008),
 ]
-SMOLLM2_135M_SHAPES = [
-    ("smollm2-135m q/o 576x576", 576, 576),
-    ("smollm2-135m k/v 192x576", 192, 576),
-    ("smollm2-135m gate/up 1536x576", 1536, 576),
-    ("smollm2-135m down 576x1536", 576, 1536),
-]
-SHAPES = {"llama": LLAMA2_7B_SHAPES, "smollm": SMOLLM2_135M_SHAPES}
+# the projections of one Llama-2-7B block, in order: (M, N) of q, k, v, o, gate, up, down
+LLAMA2_7B_BLOCK = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+TINY_SHAPES = [("tiny 48x80", 48, 80), ("tiny 32x160", 32, 160)]  # --dry-run
 DEFAULT_BITS = [2.0, 2.5, 3.0, 4.0]
+BATCHES = (1, 2, 8, 16)
 
 # Peak DRAM bandwidth (TB/s) by a substring of torch.cuda.get_device_name(), most specific first.
 PEAK_TBPS = [
@@ -157,18 +169,35 @@ def random_baq_linear(
     return BaqLinear.from_packed(packed, None if bias is None else bias.to(dtype)).to(device)
 
 
-def layer_bytes(layer: BaqLinear) -> dict[str, int]:
-    """Bytes of the tensors a fused GEMV reads besides x: codes and the per-row/group metadata."""
-    meta = layer.range_min.numel() * 2 + layer.range_max.numel() * 2 + layer.perm.numel() * 4
-    if layer.group_index is not None:
-        meta += layer.group_index.numel() * 4
-    if layer.bias is not None:
-        meta += layer.bias.numel() * layer.bias.element_size()
-    return {"codes": layer.qweight.numel() * 4, "meta": meta}
+def layout_bytes(layout: KernelLayout) -> int:
+    """Bytes a product reads besides x and y: the codes, the column map, the ranges (and groups)."""
+    tensors = [layout.codes, layout.colmap, layout.range_min, layout.range_max]
+    if layout.group_of is not None:
+        tensors.append(layout.group_of)
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------
-# benchmark
+# timing
+
+
+def make_timer(device: torch.device, rep_ms: int) -> Callable[[Callable[[], object]], float]:
+    """Median microseconds of ``fn``: do_bench with the L2 flushed on CUDA, a plain loop on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn: 1e3 * triton.testing.do_bench(fn, warmup=5, rep=rep_ms, return_mode="median")
+
+    def cpu_time(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e6 * sorted(times)[1]
+
+    return cpu_time
 
 
 def peak_tbps(name: str, override: float | None) -> float | None:
@@ -180,33 +209,151 @@ def peak_tbps(name: str, override: float | None) -> float | None:
     return None
 
 
-def check(layer: BaqLinear, x: torch.Tensor, tk) -> None:
+# ----------------------------------------------------------------------------------------------
+# correctness (every layer, before timing it)
+
+
+def check(layer: BaqLinear, layout: KernelLayout, batches=BATCHES) -> None:
     """Abort the benchmark if a kernel disagrees with the torch reference."""
+    from baq_hf.kernels import ops
+    from baq_hf.kernels import triton_kernels as tk
+
     w = layer.dequantize()
-    if not torch.equal(tk.dequantize(layer, torch.float16), w.half()):
+    if not torch.equal(tk.dequantize(layout, torch.float16), w.half()):
         raise SystemExit("dequantize kernel != torch reference: not benchmarking a wrong kernel")
-    ref = F.linear(x.float(), w, None if layer.bias is None else layer.bias.float())
-    mag = F.linear(x.float().abs(), w.abs()) + 1e-3
-    err = ((tk.fused_linear(x, layer).float() - ref).abs() / mag).max().item()
-    if err > 2e-3:
-        raise SystemExit(f"fused kernel off by {err:.3g} (relative to sum |w x|)")
+    for b in batches:
+        x = torch.randn(b, layer.in_features, device=w.device, dtype=torch.float16)
+        ref = F.linear(x.float(), w, None if layer.bias is None else layer.bias.float())
+        mag = F.linear(x.float().abs(), w.abs()) + 1e-3
+        err = ((ops.linear(x, layout, layer.bias).float() - ref).abs() / mag).max().item()
+        if err > 2e-3:
+            raise SystemExit(f"forward off by {err:.3g} (relative to sum |w x|) at {b} rows")
 
 
-def bench_one(
-    name: str, m: int, n: int, mean_bits: float, args, peak: float | None, tk, dev: str = "cuda"
-) -> dict:
-    import triton.testing
+# ----------------------------------------------------------------------------------------------
+# compiling before timing: worker processes run each kernel variant once on the real layer
 
-    def t_us(fn) -> float:
-        return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=args.rep_ms, return_mode="median")
 
-    layer = random_baq_linear(m, n, mean_bits, group_size=args.group_size, seed=args.seed, device=dev)
-    w16 = layer.dequantize(torch.float16)
-    xs = {b: torch.randn(b, n, device=dev, dtype=torch.float16) for b in (1, 8)}
+def _compile_jobs(jobs: list[tuple]) -> int:
+    """Worker: for (m, n, bits, group_size, seed, rows, kernel, block_n, block_k, warps), launch once."""
+    from baq_hf.kernels import triton_kernels as tk
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    layers: dict[tuple, KernelLayout] = {}
+    for m, n, bits, group_size, seed, rows, kernel, block_n, block_k, warps in jobs:
+        key = (m, n, bits, group_size, seed)
+        if key not in layers:
+            layers[key] = kernel_layout(
+                random_baq_linear(m, n, bits, group_size=group_size, seed=seed, device=dev)
+            )
+        x = torch.randn(rows, n, device=dev, dtype=torch.float16)
+        launch = tk.gemv if kernel == "gemv" else tk.tile_matmul
+        launch(x, layers[key], None, block_n=block_n, block_k=block_k, num_warps=warps)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return len(jobs)
+
+
+def _variant(j: tuple) -> tuple:
+    """What makes a job's compiled kernel distinct: its config, one row or more (the tile kernel's
+    BLOCK_B), grouping, the range of bitwidths (which the GEMV compiles code for) and whether M and N
+    are multiples of 16 (which the JIT specializes on)."""
+    m, n, bits, group_size, seed, rows, kernel, block_n, block_k, warps = j
+    widths = baq_bits(n, bits, seed=seed)
+    widths = widths[widths > 0]
+    shape = (m % 16 == 0, n % 16 == 0, group_size != -1)
+    return (kernel, block_n, block_k, warps, rows == 1, *shape, int(widths.min()), int(widths.max()))
+
+
+def precompile(jobs: list[tuple], workers: int) -> float:
+    """Compile each distinct kernel variant of ``jobs`` once, in ``workers`` processes; wall seconds."""
+    jobs = list({_variant(j): j for j in sorted(set(jobs))}.values())
+    t0 = time.perf_counter()
+    if not jobs:
+        return 0.0
+    workers = max(1, min(workers, len(jobs)))
+    chunks = [jobs[i::workers] for i in range(workers)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pool.map(_compile_jobs, chunks)
+    print(f"compiled {len(jobs)} kernel variants in {time.perf_counter() - t0:.0f} s", flush=True)
+    return time.perf_counter() - t0
+
+
+def job(m: int, n: int, bits: float, args, rows: int, cfg: configs.KernelConfig) -> tuple:
+    return (m, n, bits, args.group_size, args.seed, rows, cfg.kernel, cfg.block_n, cfg.block_k, cfg.num_warps)
+
+
+# ----------------------------------------------------------------------------------------------
+# the config sweep
+
+
+def sweep_configs(grouped: bool, every: int = 1) -> dict[int, list[configs.KernelConfig]]:
+    """Configs to time per batch bucket: at one row the GEMV grid (per-row layers) and the tile grid
+    (every ``every``-th of each, the fallbacks always)."""
+    gemv = [] if grouped else [*configs.candidates("gemv")[::every], configs.fallback("gemv")]
+    tile = [*configs.candidates("tile")[::every], configs.fallback("tile")]
+    one = list(dict.fromkeys(gemv + tile))
+    return {b: one if b == 1 else list(dict.fromkeys(tile)) for b in configs.BATCH_BUCKETS}
+
+
+def tune(shapes, args, t_us, dev) -> tuple[dict, list[dict]]:
+    """Time every candidate per (shape, bucket) at ``args.tune_bits``; the table entries and all rows."""
+    from baq_hf.kernels import triton_kernels as tk
+
+    entries: dict[str, dict] = {}
+    rows: list[dict] = []
+    for name, m, n in shapes:
+        layer = random_baq_linear(
+            m, n, args.tune_bits, group_size=args.group_size, seed=args.seed, device=dev
+        )
+        layout = kernel_layout(layer)
+        for bucket, cands in sweep_configs(layout.grouped, args.sweep_every).items():
+            x = torch.randn(bucket, n, device=dev, dtype=torch.float16)
+            timed = []
+            for cfg in cands:
+                launch = tk.gemv if cfg.kernel == "gemv" else tk.tile_matmul
+                try:
+                    us = t_us(lambda f=launch, c=cfg, x=x, lo=layout: f(x, lo, None, **c.launch_args()))
+                except Exception as exc:  # e.g. out of shared memory for a large tile: log, go on
+                    print(f"  tune {name} b{bucket} {cfg}: {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                timed.append((us, cfg))
+            if not timed:
+                continue
+            best_us, best = min(timed, key=lambda t: t[0])
+            gemv_ok = not layout.grouped and layout.zero_fold_exact
+            fb = configs.fallback("gemv" if gemv_ok and bucket == 1 else "tile")
+            fb_us = next((us for us, c in timed if c == fb), None)
+            key = configs.table_key(m, n, layout.max_bits, bucket, torch.float16, layout.grouped)
+            entries[key] = {**configs.config_dict(best), "us": round(best_us, 2), "fallback_us": fb_us}
+            rows.append(
+                {
+                    "shape": name,
+                    "bucket": bucket,
+                    "best": configs.config_dict(best),
+                    "us": best_us,
+                    "fallback_us": fb_us,
+                    "n_timed": len(timed),
+                }
+            )
+            print(f"tune {name} b{bucket}: {best} {best_us:.1f} us (fallback {fb_us})", flush=True)
+    return entries, rows
+
+
+# ----------------------------------------------------------------------------------------------
+# the layer table
+
+
+def bench_layer(name: str, m: int, n: int, bits: float, args, peak: float | None, t_us, dev) -> dict:
+    from baq_hf.kernels import ops
+    from baq_hf.kernels import triton_kernels as tk
+
+    layer = random_baq_linear(m, n, bits, group_size=args.group_size, seed=args.seed, device=dev)
+    layout = kernel_layout(layer)
     if not args.no_check:
-        for x in xs.values():
-            check(layer, x, tk)
-    nb = layer_bytes(layer)
+        check(layer, layout)
+    w16 = layer.dequantize(torch.float16)
+    nb = layout_bytes(layout)
     row: dict = {
         "shape": name,
         "M": m,
@@ -215,83 +362,125 @@ def bench_one(
         "code_bits": layer.code_bits,
         "effective_bits": layer.effective_bits,
         "histogram": histogram(layer.stored_bits),
-        "codes_bytes": nb["codes"],
-        "meta_bytes": nb["meta"],
+        "layout_bytes": nb,
+        "stored_bytes": layer.storage_bytes(),
         "fp16_weight_bytes": m * n * 2,
     }
-    for b, x in xs.items():
+    row["dequant_us"] = t_us(lambda: tk.dequantize(layout, torch.float16, transposed=True))
+    for b in BATCHES:
+        x = torch.randn(b, n, device=dev, dtype=torch.float16)
         io = (b * n + b * m) * 2
-        fused_bytes = nb["codes"] + nb["meta"] + io
-        fp16_bytes = m * n * 2 + io
-        t_fused = t_us(lambda x=x: tk.fused_linear(x, layer))
-        t_fp16 = t_us(lambda x=x: F.linear(x, w16))
-        row[f"fused_b{b}_us"] = t_fused
-        row[f"fused_b{b}_bytes"] = fused_bytes
-        row[f"fused_b{b}_gbps"] = fused_bytes / t_fused / 1e3
-        row[f"fp16_b{b}_us"] = t_fp16
-        row[f"fp16_b{b}_gbps"] = fp16_bytes / t_fp16 / 1e3
-        row[f"speedup_b{b}"] = t_fp16 / t_fused
-        row[f"byte_ratio_b{b}"] = fp16_bytes / fused_bytes
+        cfg = ops._config(layout, b, torch.float16)
+        row[f"config_b{b}"] = configs.config_dict(cfg)
+        row[f"baq_b{b}_us"] = t_baq = t_us(lambda x=x: ops.linear(x, layout, None))
+        row[f"fp16_b{b}_us"] = t_fp16 = t_us(lambda x=x: F.linear(x, w16))
+        row[f"dq_mm_b{b}_us"] = t_us(lambda x=x: x @ tk.dequantize(layout, torch.float16, transposed=True))
+        row[f"baq_b{b}_gbps"] = (nb + io) / t_baq / 1e3
+        row[f"speedup_b{b}"] = t_fp16 / t_baq
+        row[f"ideal_b{b}"] = (m * n * 2 + io) / (nb + io)
         if peak:
-            row[f"fused_b{b}_frac_peak"] = row[f"fused_b{b}_gbps"] / (peak * 1e3)
-            row[f"fp16_b{b}_frac_peak"] = row[f"fp16_b{b}_gbps"] / (peak * 1e3)
-    # batch 1 has two kernels: the default word-level ("chunked") one and the per-code one
-    row["per_code_b1_us"] = t_us(lambda: tk.fused_linear(xs[1], layer, impl="per_code"))
-    x8 = xs[8]
-    perm = layer.perm
-    row["dequant_us"] = t_us(lambda: tk.dequantize(layer, torch.float16, stored_order=True))
-    row["dequant_matmul_b8_us"] = t_us(
-        lambda: F.linear(x8.index_select(1, perm), tk.dequantize(layer, torch.float16, stored_order=True))
-    )
-    if args.tune:
-        row["tune"] = tune(layer, xs, t_us, tk)
+            row[f"baq_b{b}_frac_peak"] = row[f"baq_b{b}_gbps"] / (peak * 1e3)
+            row[f"fp16_b{b}_frac_peak"] = (m * n * 2 + io) / t_fp16 / 1e3 / (peak * 1e3)
     return row
 
 
-def tune(layer: BaqLinear, xs: dict[int, torch.Tensor], t_us, tk) -> dict:
-    """Best fused-kernel configuration of a small sweep, per batch; informs the defaults."""
-    configs = {
-        1: [
-            dict(impl="chunked", block_m=bm, block_k=bk, num_warps=nw)
-            for bm in (8, 16, 32)
-            for bk in (128, 256, 512)
-            for nw in (2, 4, 8)
-        ]
-        + [dict(impl="per_code", block_m=bm, block_k=bk, num_warps=4) for bm in (16, 32) for bk in (64, 128)],
-        8: [
-            dict(impl="per_code", block_m=bm, block_k=bk, num_warps=nw)
-            for bm in (16, 32, 64)
-            for bk in (32, 64, 128)
-            for nw in (4, 8)
-        ],
+# ----------------------------------------------------------------------------------------------
+# 32 blocks in one CUDA graph
+
+
+def graph_replay(args, peak: float | None, t_us, dev, n_blocks: int) -> dict:
+    """Replay time of the 7 x n_blocks projections (batch 1) captured in one CUDA graph, BAQ and fp16.
+
+    Each block gets its own copy of the 7 layers (distinct memory, so nothing stays in L2 between
+    layers); inputs are random and outputs discarded: what is measured is the weight streaming.
+    """
+    from baq_hf.kernels import ops
+
+    shapes = LLAMA2_7B_BLOCK if dev != "cpu" else [(m, n) for _, m, n in TINY_SHAPES]
+    base = [
+        random_baq_linear(m, n, args.graph_bits, group_size=args.group_size, seed=args.seed + i, device=dev)
+        for i, (m, n) in enumerate(shapes)
+    ]
+    baq = [copy.deepcopy(lay) for _ in range(n_blocks) for lay in base]
+    layouts = [kernel_layout(lay) for lay in baq]
+    xs = [torch.randn(1, lay.in_features, device=dev, dtype=torch.float16) for lay in baq]
+    dense = [
+        torch.randn(lay.out_features, lay.in_features, device=dev, dtype=torch.float16) * 0.02 for lay in baq
+    ]
+
+    def run_baq() -> None:
+        for layout, x in zip(layouts, xs, strict=True):
+            ops.linear(x, layout, None)
+
+    def run_fp16() -> None:
+        for w, x in zip(dense, xs, strict=True):
+            F.linear(x, w)
+
+    out = {
+        "n_layers": len(baq),
+        "bits": args.graph_bits,
+        "code_bits": sum(lay.code_bits for lay in base) / len(base),
     }
-    out = {}
-    for b, x in xs.items():
-        best = None
-        for cfg in configs[b]:
-            for split in (None, 1, 2, 4, 8):
-                try:
-                    t = t_us(lambda cfg=cfg, split=split, x=x: tk.fused_linear(x, layer, split=split, **cfg))
-                except Exception as exc:  # e.g. out of registers or shared memory for a large tile
-                    print(f"  tune b={b} {cfg} split={split}: {type(exc).__name__}: {exc}")
-                    continue
-                if best is None or t < best["us"]:
-                    best = {"us": t, **cfg, "split": split}
-        out[f"b{b}"] = best
+    for tag, fn, nbytes in (
+        ("baq", run_baq, sum(layout_bytes(lo) for lo in layouts)),
+        ("fp16", run_fp16, sum(w.numel() * 2 for w in dense)),
+    ):
+        fn()  # compile, build workspaces
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            us = t_us(graph.replay)
+        else:
+            us = t_us(fn)
+        out[f"{tag}_us"] = us
+        out[f"{tag}_bytes"] = nbytes
+        out[f"{tag}_tbps"] = nbytes / us / 1e6
+        if peak:
+            out[f"{tag}_frac_peak"] = out[f"{tag}_tbps"] / peak
+    out["speedup"] = out["fp16_us"] / out["baq_us"]
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # report
 
+# kernels.md carries the static analysis of benchmarks/kernel_static.py between these markers; a GPU
+# run rewrites the rest of the file and keeps that section
+STATIC_BEGIN = "<!-- static-analysis:begin (benchmarks/kernel_static.py) -->"
+STATIC_END = "<!-- static-analysis:end -->"
+
+
+def static_section(md_path: Path) -> str:
+    """The marked static-analysis section of ``md_path`` (markers included), or ''."""
+    text = md_path.read_text() if md_path.exists() else ""
+    if STATIC_BEGIN not in text or STATIC_END not in text:
+        return ""
+    return text[text.index(STATIC_BEGIN) : text.index(STATIC_END) + len(STATIC_END)]
+
+
+def put_static_section(md_path: Path, body: str) -> None:
+    """Replace (or add, after the title) the marked static-analysis section of ``md_path``."""
+    section = f"{STATIC_BEGIN}\n{body.strip()}\n{STATIC_END}"
+    text = md_path.read_text() if md_path.exists() else "# BaqLinear kernel benchmark\n"
+    old = static_section(md_path)
+    if old:
+        text = text.replace(old, section)
+    else:
+        title, _, rest = text.partition("\n")
+        text = f"{title}\n\n{section}\n{rest}"
+    md_path.write_text(text)
+
 
 def fmt_pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.0f}%"
 
 
-def write_report(rows: list[dict], meta: dict, md_path: Path, json_path: Path) -> None:
+def write_report(results: dict, md_path: Path, json_path: Path) -> None:
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    json_path.write_text(json.dumps(results, indent=1))
+    meta, rows = results["meta"], results["rows"]
     peak = meta["peak_tbps"]
     lines = [
         "# BaqLinear kernel benchmark",
@@ -299,53 +488,57 @@ def write_report(rows: list[dict], meta: dict, md_path: Path, json_path: Path) -
         f'- GPU: **{meta["gpu"]}**, peak bandwidth used for "% peak": '
         + (f"{peak} TB/s ({meta['peak_source']})" if peak else "unknown (pass --peak-tbps)"),
         f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, {meta['date']}",
-        f"- command: `{meta['command']}`",
+        f"- command: `{meta['command']}`; kernels compiled before timing in "
+        f"{meta.get('precompile_s', 0):.0f} s",
+        f"- configs: {meta.get('configs', 'n/a')}",
         "- timing: `triton.testing.do_bench`, median, L2 flushed before every run; fp16 activations; "
         f"group_size {meta['group_size']}; per-layer histogram of code bits in kernels.json",
-        "- fused = `fused_linear` defaults: the word-level (chunked) kernel at B = 1, the per-code kernel "
-        "with a tensor-core dot at B = 8; the last column times the per-code kernel at B = 1 too.",
-        "- bytes = packed codes + ranges/perm(/group index) + x + y for the fused kernel; "
-        'fp16 weight + x + y for torch.matmul. "ideal" = fp16 bytes / fused bytes, '
-        "the speedup a purely bandwidth-bound kernel would get.",
+        "- BAQ = BaqLinear's CUDA forward (one kernel launch; GEMV at 1 row, tile kernel with a dot at 2-16);"
+        " dq+mm = dequantize W^T (fp16) + matmul; bytes = kernel layout (codes, column map, ranges) + x + y;"
+        ' "ideal" = fp16 bytes / BAQ bytes, the speedup a purely bandwidth-bound kernel would get.',
+        "- static analysis of the same kernels (16-byte loads, spills, registers): "
+        "[kernels_static.md](kernels_static.md)",
         "",
-        "## Decode: fused GEMV vs fp16 torch.matmul",
+        "## Layers: BAQ forward vs fp16 torch.matmul vs dequantize + matmul",
         "",
-        "| layer (out x in) | code bits | eff. bits | B | fused µs | fused GB/s | fused % peak "
-        "| fp16 µs | fp16 % peak | speedup | ideal | per-code kernel µs |",
+        "| layer (out x in) | code bits | eff. bits | rows | BAQ µs | BAQ % peak | fp16 µs | fp16 % peak "
+        "| dq+mm µs | speedup vs fp16 | ideal | vs dq+mm |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        for b in (1, 8):
+        for b in BATCHES:
             lines.append(
                 f"| {r['shape']} | {r['code_bits']:.2f} | {r['effective_bits']:.2f} | {b} "
-                f"| {r[f'fused_b{b}_us']:.1f} | {r[f'fused_b{b}_gbps']:.0f} "
-                f"| {fmt_pct(r.get(f'fused_b{b}_frac_peak'))} | {r[f'fp16_b{b}_us']:.1f} "
-                f"| {fmt_pct(r.get(f'fp16_b{b}_frac_peak'))} | {r[f'speedup_b{b}']:.2f}x "
-                f"| {r[f'byte_ratio_b{b}']:.2f}x "
-                f"| {r['per_code_b1_us'] if b == 1 else r[f'fused_b{b}_us']:.1f} |"
+                f"| {r[f'baq_b{b}_us']:.1f} | {fmt_pct(r.get(f'baq_b{b}_frac_peak'))} "
+                f"| {r[f'fp16_b{b}_us']:.1f} "
+                f"| {fmt_pct(r.get(f'fp16_b{b}_frac_peak'))} | {r[f'dq_mm_b{b}_us']:.1f} "
+                f"| {r[f'speedup_b{b}']:.2f}x | {r[f'ideal_b{b}']:.2f}x "
+                f"| {r[f'dq_mm_b{b}_us'] / r[f'baq_b{b}_us']:.2f}x |"
             )
-    lines += [
-        "",
-        "## Prefill path: dequantize (fp16, storage order) + matmul, batch 8",
-        "",
-        "| layer (out x in) | code bits | dequant µs | dequant + matmul µs | fused B=8 µs | fp16 B=8 µs |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['code_bits']:.2f} | {r['dequant_us']:.1f} "
-            f"| {r['dequant_matmul_b8_us']:.1f} | {r['fused_b8_us']:.1f} | {r['fp16_b8_us']:.1f} |"
-        )
-    if any("tune" in r for r in rows):
-        lines += ["", "## Block-size sweep (best per layer)", "", "| layer | code bits | B | µs | config |"]
-        lines.append("|---|---:|---:|---:|---|")
-        for r in rows:
-            for key, best in r.get("tune", {}).items():
-                if best:
-                    cfg = {k: v for k, v in best.items() if k != "us"}
-                    lines.append(
-                        f"| {r['shape']} | {r['code_bits']:.2f} | {key[1:]} | {best['us']:.1f} | {cfg} |"
-                    )
+    lines += ["", "Dequantizer alone (W^T, fp16): "]
+    lines += [f"{r['shape']} at {r['code_bits']:.2f} bits: {r['dequant_us']:.1f} µs; " for r in rows]
+    graph = results.get("graph")
+    if graph:
+        lines += [
+            "",
+            f"## {graph['n_layers']} projections of Llama-2-7B blocks (batch 1) replayed in one CUDA graph",
+            "",
+            "| weights | replay µs | bytes read (weights) | TB/s | % peak |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for tag, label in (("baq", f"BAQ {graph['code_bits']:.2f} code bits"), ("fp16", "fp16")):
+            lines.append(
+                f"| {label} | {graph[f'{tag}_us']:.0f} | {graph[f'{tag}_bytes'] / 1e9:.2f} GB "
+                f"| {graph[f'{tag}_tbps']:.2f} | {fmt_pct(graph.get(f'{tag}_frac_peak'))} |"
+            )
+        lines.append(f"\nBAQ / fp16 speedup: {graph['speedup']:.2f}x")
+    tuned = results.get("tune")
+    if tuned:
+        lines += ["", "## Config sweep (best per shape and batch bucket, fp16)", ""]
+        lines += ["| layer | rows | best config | µs | fallback µs |", "|---|---:|---|---:|---:|"]
+        for t in tuned:
+            fb = "n/a" if t["fallback_us"] is None else f"{t['fallback_us']:.1f}"
+            lines.append(f"| {t['shape']} | {t['bucket']} | {t['best']} | {t['us']:.1f} | {fb} |")
     lines += [
         "",
         "End-to-end generation: see [generate.md](generate.md) (`python benchmarks/generate.py`).",
@@ -354,61 +547,54 @@ def write_report(rows: list[dict], meta: dict, md_path: Path, json_path: Path) -
     md_path.write_text("\n".join(lines))
 
 
-def dry_run(args, shapes) -> None:
-    """CPU: build every layer and print its histogram and byte counts; check packing on a small one."""
-    small = random_baq_linear(64, 200, 3.0, seed=1, exact_pack=True)
-    fast = random_baq_linear(64, 200, 3.0, seed=1)
-    assert torch.equal(small.stored_bits, fast.stored_bits) and torch.equal(small.perm, fast.perm)
-    assert small.qweight.numel() == fast.qweight.numel()
-    print("packing: random words and pack_weight agree on layout")
-    for name, m, n in shapes:
-        for bits in args.bits:
-            layer = random_baq_linear(m, n, bits, group_size=args.group_size, seed=args.seed)
-            nb = layer_bytes(layer)
-            print(
-                f"{name:32s} bits {bits:4.2f}: code {layer.code_bits:.3f} eff {layer.effective_bits:.3f} "
-                f"codes {nb['codes'] / 1e6:7.3f} MB meta {nb['meta'] / 1e3:7.1f} kB "
-                f"fp16/fused bytes (B=1) {m * n * 2 / (nb['codes'] + nb['meta'] + 2 * (m + n)):.2f}x "
-                f"hist {histogram(layer.stored_bits)}"
-            )
+# ----------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
     p.add_argument("--bits", nargs="+", type=float, default=DEFAULT_BITS, help="mean code bits")
     p.add_argument("--group-size", type=int, default=-1)
     p.add_argument("--peak-tbps", type=float, default=None, help="peak DRAM bandwidth, TB/s")
-    p.add_argument("--rep-ms", type=int, default=200, help="do_bench time budget per measurement")
-    p.add_argument("--tune", action="store_true", help="sweep the fused kernel's block sizes")
+    p.add_argument("--rep-ms", type=int, default=50, help="do_bench time budget per measurement")
+    p.add_argument("--tune", action="store_true", help="sweep the config grid first, write the tuned table")
+    p.add_argument("--tune-bits", type=float, default=3.0)
+    p.add_argument("--sweep-every", type=int, default=1, help="time every n-th config of the grid")
+    p.add_argument("--table-dir", type=Path, default=configs.TUNED_DIR, help="where --tune writes <gpu>.json")
+    p.add_argument("--graph", action="store_true", help="32 blocks of projections in one CUDA graph")
+    p.add_argument("--graph-bits", type=float, default=3.0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes compiling kernels")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-md", type=Path, default=ROOT / "docs/results/kernels.md")
     p.add_argument("--out-json", type=Path, default=ROOT / "docs/results/kernels.json")
-    p.add_argument("--dry-run", action="store_true", help="CPU only: build layers, print sizes, time nothing")
+    p.add_argument("--dry-run", action="store_true", help="CPU: tiny shapes under the Triton interpreter")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    shapes = [s for key in ("llama", "smollm") if key in args.shapes for s in SHAPES[key]]
     if args.dry_run:
-        dry_run(args, shapes)
-        return
-    if not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--dry-run runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+        dev, shapes, n_blocks = "cpu", TINY_SHAPES, 2
+        args.bits, args.workers, args.sweep_every = args.bits[:1], min(args.workers, 2), 12
+    elif not torch.cuda.is_available():
         sys.exit(
             "benchmarks/kernel_bench.py needs a CUDA GPU, and torch.cuda.is_available() is False "
             f"(torch {torch.__version__}). Run it on a GPU machine: `python benchmarks/kernel_bench.py`; "
-            "`--dry-run` checks the layer construction on CPU."
+            "`--dry-run` (with TRITON_INTERPRET=1) runs every step on tiny shapes on CPU."
         )
+    else:
+        dev, shapes, n_blocks = "cuda", LLAMA2_7B_SHAPES, 32
     import triton
 
-    from baq_hf.kernels import triton_kernels as tk
-
-    gpu = torch.cuda.get_device_name()
+    gpu = (
+        torch.cuda.get_device_name()
+        if dev == "cuda"
+        else f"none (dry run on {platform.processor() or 'CPU'})"
+    )
     peak = peak_tbps(gpu, args.peak_tbps)
-    if peak is None:
-        print(f"unknown peak bandwidth for {gpu!r}: pass --peak-tbps to get '% peak'", file=sys.stderr)
+    t_us = make_timer(torch.device(dev), args.rep_ms)
     meta = {
         "gpu": gpu,
         "peak_tbps": peak,
@@ -421,20 +607,66 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python " + " ".join([str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]]),
         "group_size": args.group_size,
     }
+    results: dict = {"meta": meta}
+    precompile_s = 0.0
+    grouped = args.group_size != -1
+    if args.tune:
+        jobs = [
+            job(m, n, args.tune_bits, args, b, c)
+            for _, m, n in shapes
+            for b, cands in sweep_configs(grouped, args.sweep_every).items()
+            for c in cands
+        ]
+        precompile_s += precompile(jobs, args.workers)
+        entries, results["tune"] = tune(shapes, args, t_us, dev)
+        out = args.table_dir / f"{configs.gpu_slug(gpu)}.json"
+        configs.write_table(out, gpu, meta["command"], entries)
+        os.environ[configs.CONFIGS_ENV] = str(out)  # the layer table below uses what was just measured
+        meta["tuned_table"] = str(out)
+        print(f"wrote {out}", flush=True)
+        write_report({**results, "rows": []}, args.out_md, args.out_json)  # kept if a later step is cut short
+    table = configs.table_path(torch.device(dev))
+    meta["configs"] = f"tuned table {table.name}" if table else "fallback (no tuned table for this GPU)"
+    jobs = []
+    for _, m, n in shapes:
+        for bits in args.bits:
+            max_bits = int(
+                baq_bits(n, bits, seed=args.seed).max()
+            )  # the layer's, as random_baq_linear draws it
+            for b in BATCHES:
+                cfg = configs.choose(
+                    torch.device(dev), m, n, max_bits, b, torch.float16, grouped, not grouped
+                )
+                jobs.append(job(m, n, bits, args, b, cfg))
+    precompile_s += precompile(jobs, args.workers)
+    meta["precompile_s"] = precompile_s
     rows = []
     for name, m, n in shapes:
         for bits in args.bits:
-            row = bench_one(name, m, n, bits, args, peak, tk)
+            row = bench_layer(name, m, n, bits, args, peak, t_us, dev)
             rows.append(row)
             print(
-                f"{name:32s} {row['code_bits']:.2f} bits: fused B=1 {row['fused_b1_us']:7.1f} µs "
-                f"({fmt_pct(row.get('fused_b1_frac_peak'))} peak) fp16 {row['fp16_b1_us']:7.1f} µs "
-                f"speedup {row['speedup_b1']:.2f}x (ideal {row['byte_ratio_b1']:.2f}x)",
+                f"{name:32s} {row['code_bits']:.2f} bits: B=1 {row['baq_b1_us']:7.1f} µs "
+                f"({fmt_pct(row.get('baq_b1_frac_peak'))} peak) fp16 {row['fp16_b1_us']:7.1f} µs "
+                f"speedup {row['speedup_b1']:.2f}x (ideal {row['ideal_b1']:.2f}x); "
+                f"B=8 {row['speedup_b8']:.2f}x fp16, {row['dq_mm_b8_us'] / row['baq_b8_us']:.2f}x dq+mm",
                 flush=True,
             )
-            torch.cuda.empty_cache()
-    write_report(rows, meta, args.out_md, args.out_json)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+            write_report({**results, "rows": rows}, args.out_md, args.out_json)
+    results["rows"] = rows
+    if args.graph:
+        results["graph"] = graph_replay(args, peak, t_us, dev, n_blocks)
+        g = results["graph"]
+        print(
+            f"graph of {g['n_layers']} layers: BAQ {g['baq_us']:.0f} µs ({fmt_pct(g.get('baq_frac_peak'))} "
+            f"peak), fp16 {g['fp16_us']:.0f} µs, speedup {g['speedup']:.2f}x",
+            flush=True,
+        )
+    write_report(results, args.out_md, args.out_json)
     print(f"wrote {args.out_md} and {args.out_json}")
+    return results
 
 
 if __name__ == "__main__":

@@ -2,12 +2,11 @@
 
 Every mutated checkpoint must either fail cleanly (ValueError, RuntimeError, OSError or a safetensors
 error, with a message) or load into a model whose BaqLinear layers validate, dequantize and run. Layers
-that load are also dequantized by the Triton kernel (interpreter mode on CPU) with every tensor it reads
-placed between guard values, and must give the torch reference bit for bit: an out-of-bounds read would
-pull in a guard value.
+that load are also dequantized by the Triton kernel (interpreter mode on CPU) from their kernel layout,
+with every tensor the kernel reads placed between guard values, and must give the torch reference bit
+for bit: an out-of-bounds read would pull in a guard value.
 """
 
-import contextlib
 import json
 import os
 import random
@@ -47,7 +46,8 @@ BAQ_TENSORS = ("weight", "bits_header", "perm", "range_min", "range_max", "group
 try:
     import triton  # noqa: F401
 
-    from baq_hf.kernels import dequantize_triton
+    from baq_hf.kernels import dequantize_triton, kernel_layout
+    from baq_hf.kernels.triton_kernels import dequantize as dequantize_layout
 
     KERNELS = not _STALE_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 except ImportError:  # pragma: no cover - triton is a dependency on Linux
@@ -189,16 +189,22 @@ def guarded(t: torch.Tensor, guard: int = 64) -> torch.Tensor:
     return big[guard : guard + flat.numel()].view(t.shape)
 
 
-def check_kernel(layer: BaqLinear) -> None:
-    ref = layer.dequantize()
-    for name in ("weight", "bits_header", "perm", "range_min", "range_max", "group_index"):
-        t = getattr(layer, name)
+LAYOUT_TENSORS = ("codes", "colmap", "group_of", "range_min", "range_max")
+
+
+def guard_layout(layout) -> None:
+    for name in LAYOUT_TENSORS:
+        t = getattr(layout, name)
         if t is not None:
-            setattr(layer, name, guarded(t))
-    with contextlib.suppress(AttributeError):
-        del layer._baq_kernel_meta
-    out = dequantize_triton(layer, torch.float32)
-    assert torch.equal(out, ref)
+            setattr(layout, name, guarded(t))
+
+
+def check_kernel(layer: BaqLinear) -> None:
+    """The kernel layout of a loaded layer, its tensors between guards, dequantizes exactly."""
+    ref = layer.dequantize()
+    layout = kernel_layout(layer)
+    guard_layout(layout)
+    assert torch.equal(dequantize_triton(layer, torch.float32), ref)  # through the guarded layout
 
 
 def load_and_run(folder: Path, kernels: bool) -> bool:
@@ -273,8 +279,10 @@ def test_kernel_guard_detects_out_of_bounds_reads(source):
     assert load_and_run(source, kernels=True)
     layer = model.model.layers[0].mlp.down_proj
     ref = layer.dequantize()
-    layer.weight = guarded(layer.weight[:-1].clone())  # bypasses validate(): the kernel overruns
-    assert not torch.equal(dequantize_triton(layer, torch.float32), ref)
+    layout = kernel_layout(layer)
+    layout.codes = layout.codes[:-1].clone()  # a layout missing its last word row: the kernel overruns
+    guard_layout(layout)
+    assert not torch.equal(dequantize_layout(layout, torch.float32), ref)
 
 
 def random_valid_layer(tensors: dict, layer: str, rnd: random.Random) -> None:

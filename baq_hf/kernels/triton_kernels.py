@@ -1,40 +1,49 @@
-"""Triton kernels for BaqLinear: fused mixed-bit GEMVs / skinny GEMM and an exact dequantizer.
+"""Triton kernels over the kernel layout (:mod:`baq_hf.kernels.layout`): tensors in, tensors out.
 
 This module imports triton at import time; :mod:`baq_hf.kernels` imports it lazily, so that machines
 without triton (or without a GPU) can use the rest of the package.
 
-All kernels read the BAQ storage format of :mod:`baq_hf.format` directly: for every bitwidth segment
-(stored columns ``col_start .. col_start + n_cols``) code (i, k) sits at bit ``(i * n_cols + k) * R``
-of a little-endian int32 bitstream that starts at word ``word_start``; a code may straddle two words.
+- ``_gemv_kernel`` (one row of x, per-row ranges): programs over (row tile, K tile). A K tile is up to
+  ``BLOCK_K / 32`` runs of 32 columns of one bitwidth R, walked by a runtime loop; a run of an output
+  row is R whole words, loaded as ``[BLOCK_N]`` int32 vectors (16-byte loads, 4 output rows per load).
+  The 32 codes of a run are decoded by a loop unrolled at compile time for each bitwidth the layer has
+  (constant shifts and masks; only the codes that straddle two words read the next word), and each
+  code's x is one scalar load through the column map. The row's zero point is folded into the
+  int -> float conversion: ``(2^23 + q) - (2^23 + zero)`` is ``q - zero`` exactly when ``|zero| < 2^22``
+  (checked when the layout is built), and the scale multiplies the tile's sum.
+- ``_tile_kernel`` (1-16 rows, or grouped ranges): the same tiles decoded as ``[BLOCK_K, BLOCK_N]``
+  codes with per-column shifts (R is a runtime value here), fed to ``tl.dot`` for more than one row.
+  With per-row ranges the dot takes ``q - zero`` (exact in fp16 / bf16 when the layout's bound says so)
+  and the scale multiplies the product; otherwise the weights ``scale * (q - zero)`` rounded to the
+  activation dtype, as the torch path's ``W.to(dtype)`` does.
+- ``_dequant_kernel``: the dense weight, exactly as :func:`baq_hf.format.dequantize_weight` computes it,
+  written through strides (``W`` or ``W^T``).
 
-- ``_baq_gemv_chunked_kernel`` (batch 1): decodes 32-code runs from whole words.
-- ``_baq_gemv_kernel`` (1-16 rows): extracts each code on its own, tensor-core dot for > 1 row.
-- ``_baq_dequant_kernel``: the dense weight, in original or storage column order.
+The row count and the number of K tiles are not specialized on (``do_not_specialize``), so that every
+layer of a model with the same dtypes, bitwidth range and config shares one compiled kernel.
 
-Exactness: the grid is evaluated with exactly the fp32 operations of :func:`baq_hf.format.grid`, with
-correctly rounded divisions (``tl.math.div_rn``; Triton's ``/`` on fp32 is an approximate division on
-NVIDIA GPUs) and ``floor(x + 0.5)``, so every dequantized weight equals the torch reference bit for
-bit. Products with x accumulate in fp32; only the multi-row dot rounds weights first (to fp16 for
-fp16 activations, as the torch path's ``W.to(fp16)`` does; tf32 for bf16).
+One launch per product: every program adds its fp32 partial sums into a persistent workspace with
+atomics; the last program of a row tile (a per-row-tile counter says which) reads the sums back while
+zeroing them, adds the bias and writes y in the output dtype, then resets the counter. So a call
+allocates only y and launches one kernel; the workspace is all zeros between calls. The kernels of one
+device share one workspace, so they must not run concurrently on several streams.
 
-Activations and ranges are widened to fp32 on load. Outputs in bf16 are rounded to nearest-even by
-hand and stored through an int16 view, because the Triton interpreter (used by the CPU tests)
-truncates fp32 -> bf16 casts and cannot run bf16 dots.
+Exactness: codes become floats exactly (``float(2^23 | q) - 2^23``); the grid is evaluated with the fp32
+operations of :func:`baq_hf.format.grid`, with correctly rounded divisions (``tl.math.div_rn``).
+Outputs in bf16 are rounded to nearest-even by hand and stored through an int16 view, because the
+Triton interpreter (used by the CPU tests) truncates fp32 -> bf16 casts.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import format as fmt
+from .layout import TILE_FIELDS, KernelLayout
 
-# segment table row: col_start, n_cols, word_start, block_offset, word_end (host and kernel views)
-_N_SEG_FIELDS = 5
-SEG_FIELDS = tl.constexpr(_N_SEG_FIELDS)
+FIELDS = tl.constexpr(TILE_FIELDS)
+MAX_TILE_ROWS = 16  # the most rows of x the fused kernels take (BLOCK_B of the dot)
 
 
 @triton.jit
@@ -56,18 +65,6 @@ def _store_out(ptrs, v, mask, OUT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _code_to_float(code):
-    """Exact float of a uint32 code < 2^23: the float 2^23 + code, minus 2^23 (2 cheap ops, no I2F)."""
-    return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _funnel(lo, hi, s):
-    """Bits s .. s + 31 of the 64-bit word hi:lo (uint32; s < 32, so no shift by 32)."""
-    return (lo >> s) | ((hi << 1) << (31 - s))
-
-
-@triton.jit
 def _grid(mn, mx, levels):
     """format.grid in fp32: scale = (mx - mn) / levels, zero = floor(-mn / scale + 1/2)."""
     scale = tl.math.div_rn(mx - mn, levels)
@@ -76,607 +73,538 @@ def _grid(mn, mx, levels):
 
 
 @triton.jit
-def _baq_gemv_kernel(
+def _tile_fields(tile_ptr, pid_k):
+    t = tile_ptr + pid_k * FIELDS
+    return tl.load(t), tl.load(t + 1), tl.load(t + 2), tl.load(t + 3), tl.load(t + 4)
+
+
+@triton.jit
+def _finish(
+    part,
+    ws_ptr,
+    cnt_ptr,
+    out_ptr,
+    bias_ptr,
+    offs_b,
+    bmask,
+    offs_n,
+    nmask,
+    pid_n,
+    n_tiles,
+    M,
+    stride_ob,
+    HAS_BIAS: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    BATCHED: tl.constexpr,
+):
+    """Add ``part`` into the workspace; the row tile's last program writes y and re-zeroes the workspace.
+
+    The barrier makes every thread's atomic add happen before the counter's release; the program that
+    sees the count reach ``n_tiles - 1`` acquired all of them and reads the sums with atomic exchanges
+    (coherent in L2, and they leave zeros behind).
+    """
+    if BATCHED:
+        wptrs = ws_ptr + offs_b[:, None] * M + offs_n[None, :]
+        wmask = bmask[:, None] & nmask[None, :]
+        optrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
+    else:
+        wptrs = ws_ptr + offs_n
+        wmask = nmask
+        optrs = out_ptr + offs_n
+    tl.atomic_add(wptrs, part, mask=wmask, sem="relaxed")
+    tl.debug_barrier()
+    done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+    if done == n_tiles - 1:
+        # exchanged as int32 bit patterns: the same on a GPU, and what the interpreter supports
+        zeros = tl.zeros_like(part).to(tl.int32)
+        ibits = tl.atomic_xchg(wptrs.to(tl.pointer_type(tl.int32)), zeros, mask=wmask, sem="relaxed")
+        total = tl.where(wmask, ibits.to(tl.float32, bitcast=True), 0.0)  # masked lanes return garbage
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            if BATCHED:
+                total += bias[None, :]
+            else:
+                total += bias
+        _store_out(optrs, total, wmask, OUT_BF16)
+        tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------
+# batch-1 GEMV, per-row ranges
+
+
+@triton.jit
+def _run_word(q_ptr, row, wrow_end, offs_n, nmask, M):
+    """Word row ``row`` of the codes for the tile's output rows: ``[BLOCK_N]`` uint32 (16-byte loads)."""
+    ptrs = q_ptr + row.to(tl.int64) * M + offs_n
+    in_segment = (offs_n * 0 + row) < wrow_end  # a block: the interpreter rejects scalar masks on blocks
+    return tl.load(ptrs, mask=nmask & in_segment, other=0).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _gemv_tile(
+    q_ptr,
+    x_ptr,
+    colmap_ptr,
+    mn,
+    mx,
+    offs_n,
+    nmask,
+    M,
+    kcol0,
+    ncols,
+    wrow0,
+    wrow_end,
+    R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """sum over the tile's columns k of W[n, k] x[k] for R-bit codes: ``[BLOCK_N]`` fp32.
+
+    A runtime loop over the tile's runs; within a run, the 32 codes are decoded by a loop unrolled at
+    compile time (constant shifts and masks; only codes that straddle two words read the next one),
+    and each code's x is one scalar load through the column map, broadcast to every thread.
+    """
+    scale, zero = _grid(mn, mx, tl.full([BLOCK_N], (1 << R) - 1, tl.float32))
+    zero_f = zero + 8388608.0  # 2^23 + zero, exact for |zero| < 2^22
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for run in range(0, tl.cdiv(ncols, 32)):
+        row0 = wrow0 + run * R
+        cur = _run_word(q_ptr, row0, wrow_end, offs_n, nmask, M)
+        for w in tl.static_range(R):
+            if w + 1 < R:
+                nxt = _run_word(q_ptr, row0 + w + 1, wrow_end, offs_n, nmask, M)
+            # the codes that start in word w
+            for c in tl.static_range((32 * w + R - 1) // R, (32 * w + 32 + R - 1) // R):
+                if c * R - 32 * w + R <= 32:
+                    code = cur >> (c * R - 32 * w)
+                else:  # straddles into word w + 1
+                    code = (cur >> (c * R - 32 * w)) | (nxt << (32 * w + 32 - c * R))
+                qz = ((code & ((1 << R) - 1)) | 0x4B000000).to(tl.float32, bitcast=True) - zero_f
+                k = run * 32 + c
+                col = tl.load(colmap_ptr + kcol0 + k, mask=k < ncols, other=0)
+                acc += qz * tl.load(x_ptr + col, mask=k < ncols, other=0.0).to(tl.float32)
+            if w + 1 < R:
+                cur = nxt
+    return acc * scale
+
+
+@triton.jit(do_not_specialize=["n_tiles"])
+def _gemv_kernel(
     x_ptr,
     out_ptr,
     q_ptr,
-    perm_ptr,
+    colmap_ptr,
     rmin_ptr,
     rmax_ptr,
-    gidx_ptr,
     bias_ptr,
-    seg_ptr,
+    tile_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    n_tiles,
+    WIDTHS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """y = W x + b for one row x: this program's (row tile, K tile) share, then :func:`_finish`."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < M
+    bits, kcol0, ncols, wrow0, wrow_end = _tile_fields(tile_ptr, pid_k)
+    # masked rows get a harmless [-1, 1] range so that no NaN is ever formed
+    mn = tl.load(rmin_ptr + offs_n, mask=nmask, other=-1.0).to(tl.float32)
+    mx = tl.load(rmax_ptr + offs_n, mask=nmask, other=1.0).to(tl.float32)
+    part = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for R in tl.static_range(1, 16):
+        if (WIDTHS >> R) & 1:  # noqa: SIM102 (compile-time test; the inner one is a runtime branch)
+            if bits == R:
+                part += _gemv_tile(
+                    q_ptr,
+                    x_ptr,
+                    colmap_ptr,
+                    mn,
+                    mx,
+                    offs_n,
+                    nmask,
+                    M,
+                    kcol0,
+                    ncols,
+                    wrow0,
+                    wrow_end,
+                    R,
+                    BLOCK_N,
+                )
+    _finish(
+        part,
+        ws_ptr,
+        cnt_ptr,
+        out_ptr,
+        bias_ptr,
+        0,
+        True,
+        offs_n,
+        nmask,
+        pid_n,
+        n_tiles,
+        M,
+        0,
+        HAS_BIAS,
+        OUT_BF16,
+        False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# tiles of codes with per-column shifts: skinny GEMM and the dequantizer
+
+
+@triton.jit
+def _decode_tile(q_ptr, bits, wrow0, offs_k, kmask, offs_n, nmask, M):
+    """Codes ``[BLOCK_K, BLOCK_N]`` (fp32, exact) of a tile's columns (``bits`` may be 0: all zero)."""
+    bit = offs_k * bits
+    sh = bit & 31
+    rows = (wrow0 + (bit >> 5)).to(tl.int64)
+    ptrs = q_ptr + rows[:, None] * M + offs_n[None, :]
+    has_bits = kmask & (offs_k * 0 + bits > 0)  # a block, not a scalar (as in _run_word)
+    lo = tl.load(ptrs, mask=has_bits[:, None] & nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+    straddle = has_bits & (sh + bits > 32)
+    hi = tl.load(ptrs + M, mask=straddle[:, None] & nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+    shu = sh.to(tl.uint32)[:, None]
+    code = ((lo >> shu) | ((hi << 1) << (31 - shu))) & ((1 << bits) - 1).to(tl.uint32)
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit(do_not_specialize=["B", "n_tiles"])
+def _tile_kernel(
+    x_ptr,
+    out_ptr,
+    q_ptr,
+    colmap_ptr,
+    group_ptr,
+    rmin_ptr,
+    rmax_ptr,
+    bias_ptr,
+    tile_ptr,
+    ws_ptr,
+    cnt_ptr,
     B,
     M,
     G,
     stride_xb,
     stride_ob,
-    SPLIT,
-    MAX_R: tl.constexpr,
+    n_tiles,
     GROUPED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr,
     OUT_BF16: tl.constexpr,
-    DOT_FP16: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    FACTOR_SCALE: tl.constexpr,
+    W_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
-    """out[b, rows] (+)= x[b] . W[rows]^T for one block of output rows and one K split.
-
-    ``seg_ptr`` is an int32 table indexed by bitwidth R: (col_start, n_cols, word_start, block_offset,
-    word_end); absent widths have n_cols = 0. The loop over R is unrolled at compile time (R is a
-    constexpr), so shifts and masks are constants and widths 1, 2, 4, 8, which never straddle a word,
-    read one word.
-    Column blocks of all segments are numbered globally (block_offset) and dealt round-robin to the
-    SPLIT programs of a row block, so split-K stays balanced even when segments are short.
-    """
-    pid_m = tl.program_id(0)
+    """Y = X W^T + b for B <= BLOCK_B rows of X: this program's (row tile, K tile) share."""
+    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    rows64 = rows.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < M
+    bits, kcol0, ncols, wrow0, _ = _tile_fields(tile_ptr, pid_k)
     offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < ncols
+    q = _decode_tile(q_ptr, bits, wrow0, offs_k, kmask, offs_n, nmask, M)
+    levels = ((1 << bits) - 1).to(tl.float32)
+    if GROUPED:
+        g = tl.load(group_ptr + kcol0 + offs_k, mask=kmask, other=0)
+        roff = offs_n[None, :] * G + g[:, None]
+        m2 = kmask[:, None] & nmask[None, :]
+        mn = tl.load(rmin_ptr + roff, mask=m2, other=-1.0).to(tl.float32)
+        mx = tl.load(rmax_ptr + roff, mask=m2, other=1.0).to(tl.float32)
+        scale, zero = _grid(mn, mx, tl.zeros([BLOCK_K, BLOCK_N], tl.float32) + levels)
+        w = scale * (q - zero)
+    else:
+        mn = tl.load(rmin_ptr + offs_n, mask=nmask, other=-1.0).to(tl.float32)
+        mx = tl.load(rmax_ptr + offs_n, mask=nmask, other=1.0).to(tl.float32)
+        scale, zero = _grid(mn, mx, tl.zeros([BLOCK_N], tl.float32) + levels)
+        if FACTOR_SCALE:  # noqa: SIM108 (a constexpr branch)
+            w = q - zero[None, :]  # integers, exact in W_DTYPE (the layout's bound was checked)
+        else:
+            w = scale[None, :] * (q - zero[None, :])
+    col = tl.load(colmap_ptr + kcol0 + offs_k, mask=kmask, other=0)
     if BLOCK_B == 1:
-        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        xv = tl.load(x_ptr + col, mask=kmask, other=0.0).to(tl.float32)
+        part = tl.sum(w * xv[:, None], axis=0)
+        if FACTOR_SCALE:
+            part = part * scale
+        offs_b = 0
+        bmask = True
     else:
         offs_b = tl.arange(0, BLOCK_B)
         bmask = offs_b < B
-        acc = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
-    if not GROUPED:
-        # masked rows get a harmless [-1, 1] range so that no NaN is ever formed
-        mn_row = tl.load(rmin_ptr + rows, mask=rmask, other=-1.0).to(tl.float32)
-        mx_row = tl.load(rmax_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
-
-    for R in tl.static_range(1, MAX_R + 1):
-        col_start = tl.load(seg_ptr + R * SEG_FIELDS + 0)
-        n_cols = tl.load(seg_ptr + R * SEG_FIELDS + 1)
-        word_start = tl.load(seg_ptr + R * SEG_FIELDS + 2)
-        blk_off = tl.load(seg_ptr + R * SEG_FIELDS + 3)
-        levels = tl.full([BLOCK_M], (1 << R) - 1, tl.float32)
-        if not GROUPED:
-            scale_row, zero_row = _grid(mn_row, mx_row, levels)
-        # bit position of each row's first code, split into a word and an in-word shift (int32 below)
-        row_bit = word_start.to(tl.int64) * 32 + rows64 * (n_cols * R).to(tl.int64)
-        row_word = row_bit >> 5
-        row_sh = (row_bit & 31).to(tl.int32)
-        n_blocks = tl.cdiv(n_cols, BLOCK_K)
-        first = ((pid_k - blk_off) % SPLIT + SPLIT) % SPLIT
-        for kb in range(first, n_blocks, SPLIT):
-            k = kb * BLOCK_K + offs_k
-            kmask = k < n_cols
-            m2 = rmask[:, None] & kmask[None, :]
-            t = row_sh[:, None] + (k * R)[None, :]
-            word = row_word[:, None] + (t >> 5)
-            sh = (t & 31).to(tl.uint32)
-            code = tl.load(q_ptr + word, mask=m2, other=0).to(tl.uint32, bitcast=True) >> sh
-            if (R & (R - 1)) != 0:
-                straddle = m2 & ((t & 31) + R > 32)
-                hi = tl.load(q_ptr + word + 1, mask=straddle, other=0).to(tl.uint32, bitcast=True)
-                code = code | ((hi << 1) << (31 - sh))
-            q = _code_to_float(code & ((1 << R) - 1))
-            cols = col_start + k
-            if GROUPED:
-                g = tl.load(gidx_ptr + cols, mask=kmask, other=0)
-                roff = rows[:, None] * G + g[None, :]
-                mn = tl.load(rmin_ptr + roff, mask=m2, other=-1.0).to(tl.float32)
-                mx = tl.load(rmax_ptr + roff, mask=m2, other=1.0).to(tl.float32)
-                scale, zero = _grid(mn, mx, tl.full([BLOCK_M, BLOCK_K], (1 << R) - 1, tl.float32))
-                w = scale * (q - zero)
-            else:
-                w = scale_row[:, None] * (q - zero_row[:, None])
-            # x gathered through perm; masked columns read 0, so their (finite) weights add nothing
-            orig = tl.load(perm_ptr + cols, mask=kmask, other=0)
-            if BLOCK_B == 1:
-                xv = tl.load(x_ptr + orig, mask=kmask, other=0.0).to(tl.float32)
-                acc += tl.sum(w * xv[None, :], axis=1)
-            else:
-                xt = tl.load(
-                    x_ptr + offs_b[None, :] * stride_xb + orig[:, None],
-                    mask=kmask[:, None] & bmask[None, :],
-                    other=0.0,
-                )
-                if DOT_FP16:
-                    # fp16 tensor cores; w rounded to fp16 exactly as the torch path's W.to(fp16)
-                    acc = tl.dot(w.to(tl.float16), xt, acc)
-                else:
-                    # bf16 (tf32 tensor cores, finer than bf16) or fp32 (ieee) activations
-                    acc = tl.dot(w, xt.to(tl.float32), acc, input_precision=DOT_PRECISION)
-
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-        if ATOMIC:
-            bias = tl.where(pid_k == 0, bias, 0.0)
-        if BLOCK_B == 1:
-            acc += bias
-        else:
-            acc += bias[:, None]
-    if BLOCK_B == 1:
-        optrs = out_ptr + rows
-        omask = rmask
-    else:
-        optrs = out_ptr + offs_b[None, :] * stride_ob + rows[:, None]
-        omask = rmask[:, None] & bmask[None, :]
-    if ATOMIC:
-        tl.atomic_add(optrs, acc, mask=omask)
-    else:
-        _store_out(optrs, acc, omask, OUT_BF16)
+        xt = tl.load(
+            x_ptr + offs_b[:, None] * stride_xb + col[None, :],
+            mask=bmask[:, None] & kmask[None, :],
+            other=0.0,
+        )
+        part = tl.dot(xt.to(W_DTYPE), w.to(W_DTYPE), input_precision=PRECISION)
+        if FACTOR_SCALE:
+            part = part * scale[None, :]
+    _finish(
+        part,
+        ws_ptr,
+        cnt_ptr,
+        out_ptr,
+        bias_ptr,
+        offs_b,
+        bmask,
+        offs_n,
+        nmask,
+        pid_n,
+        n_tiles,
+        M,
+        stride_ob,
+        HAS_BIAS,
+        OUT_BF16,
+        BLOCK_B > 1,
+    )
 
 
 @triton.jit
-def _chunked_segment(
-    x_ptr,
-    q_ptr,
-    perm_ptr,
-    rmin_ptr,
-    rmax_ptr,
-    gidx_ptr,
-    seg_ptr,
-    rows,
-    rmask,
-    mn_row,
-    mx_row,
-    G,
-    SPLIT,
-    pid_k,
-    R: tl.constexpr,
-    P: tl.constexpr,
-    GROUPED: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    CHUNKS: tl.constexpr,
-):
-    """Contribution of the R-bit segment to W[rows] . x, for one K split (see the kernel below).
-
-    P is a power of two >= ceil(32 / R): the most codes that start in one aligned word.
-    """
-    offs_c = tl.arange(0, CHUNKS)
-    offs_p = tl.arange(0, P)
-    col_start = tl.load(seg_ptr + R * SEG_FIELDS + 0)
-    n_cols = tl.load(seg_ptr + R * SEG_FIELDS + 1)
-    word_start = tl.load(seg_ptr + R * SEG_FIELDS + 2)
-    blk_off = tl.load(seg_ptr + R * SEG_FIELDS + 3)
-    word_end = tl.load(seg_ptr + R * SEG_FIELDS + 4).to(tl.int64)
-    if not GROUPED:
-        scale_row, zero_row = _grid(mn_row, mx_row, tl.full([BLOCK_M], (1 << R) - 1, tl.float32))
-        scale_b = scale_row[:, None, None]
-        zero_b = zero_row[:, None, None]
-    row_bit = word_start.to(tl.int64) * 32 + rows.to(tl.int64) * (n_cols * R).to(tl.int64)
-    row_word = row_bit >> 5
-    s = (row_bit & 31).to(tl.uint32)[:, None]
-    n_blocks = tl.cdiv(n_cols, 32 * CHUNKS)
-    first = ((pid_k - blk_off) % SPLIT + SPLIT) % SPLIT
-    acc = tl.zeros([BLOCK_M, CHUNKS, P], dtype=tl.float32)
-    for kb in range(first, n_blocks, SPLIT):
-        chunk = kb * CHUNKS + offs_c
-        col0 = chunk * 32  # first column of each run, within the segment
-        m2 = rmask[:, None] & (col0 < n_cols)[None, :]
-        base = row_word[:, None] + (chunk * R).to(tl.int64)[None, :]
-        # raw words base .. base + R; those past the segment's end are masked to 0
-        raw = tl.load(q_ptr + base, mask=m2 & (base < word_end), other=0).to(tl.uint32, bitcast=True)
-        raw_nx = tl.load(q_ptr + base + 1, mask=m2 & (base + 1 < word_end), other=0)
-        raw_nx = raw_nx.to(tl.uint32, bitcast=True)
-        cur = _funnel(raw, raw_nx, s)  # aligned word 0
-        raw = raw_nx
-        for w in tl.static_range(R):
-            j0 = (32 * w + R - 1) // R  # first code starting in aligned word w
-            n_w = (32 * (w + 1) + R - 1) // R - j0  # how many start there (<= P)
-            j = j0 + offs_p
-            lane = offs_p < n_w
-            sh = tl.where(lane, j * R - 32 * w, 0).to(tl.uint32)
-            code = cur[:, :, None] >> sh[None, None, :]
-            if w + 1 < R:
-                raw_nx = tl.load(q_ptr + base + w + 2, mask=m2 & (base + w + 2 < word_end), other=0)
-                raw_nx = raw_nx.to(tl.uint32, bitcast=True)
-                nxt = _funnel(raw, raw_nx, s)
-                raw = raw_nx
-                if (32 % R) != 0:  # the last code of word w runs into word w + 1: bring its bits in
-                    code = code | ((nxt << 1)[:, :, None] << (31 - sh)[None, None, :])
-                cur = nxt
-            q = _code_to_float(code & ((1 << R) - 1))
-            colj = col0[:, None] + j[None, :]  # [CHUNKS, P], within the segment
-            cmask = (colj < n_cols) & lane[None, :]
-            cols = col_start + colj
-            if GROUPED:
-                g = tl.load(gidx_ptr + cols, mask=cmask, other=0)
-                roff = rows[:, None, None] * G + g[None, :, :]
-                rm3 = rmask[:, None, None] & cmask[None, :, :]
-                mn = tl.load(rmin_ptr + roff, mask=rm3, other=-1.0).to(tl.float32)
-                mx = tl.load(rmax_ptr + roff, mask=rm3, other=1.0).to(tl.float32)
-                scale, zero = _grid(mn, mx, tl.full([BLOCK_M, CHUNKS, P], (1 << R) - 1, tl.float32))
-                wt = scale * (q - zero)
-            else:
-                wt = scale_b * (q - zero_b)
-            # lanes past the run and columns past the segment (bits of the next row, or masked
-            # words) meet x = 0, and their weights are finite
-            orig = tl.load(perm_ptr + cols, mask=cmask, other=0)
-            xv = tl.load(x_ptr + orig, mask=cmask, other=0.0).to(tl.float32)
-            acc += wt * xv[None, :, :]
-    return tl.sum(tl.sum(acc, axis=2), axis=1)
-
-
-@triton.jit
-def _baq_gemv_chunked_kernel(
-    x_ptr,
+def _dequant_kernel(
     out_ptr,
     q_ptr,
-    perm_ptr,
+    colmap_ptr,
+    group_ptr,
     rmin_ptr,
     rmax_ptr,
-    gidx_ptr,
-    bias_ptr,
-    seg_ptr,
-    M,
-    G,
-    SPLIT,
-    MAX_R: tl.constexpr,
-    GROUPED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr,
-    OUT_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    CHUNKS: tl.constexpr,
-):
-    """Batch-1 GEMV that decodes whole words: out[rows] (+)= W[rows] . x for one row block and K split.
-
-    A row's R-bit codes are one contiguous bit range, so 32 consecutive codes of a row span exactly R
-    words, starting at the row's bit offset s. Each element of a [BLOCK_M, CHUNKS] tile is such a run
-    of 32 columns: its R + 1 words are loaded once and funnel-shifted by s into R aligned words. Then,
-    for each aligned word w (a loop unrolled at compile time, like the loop over R), the codes that
-    start in w are extracted along a third axis of P lanes with per-lane shifts, a code running into
-    word w + 1 taking its high bits from there. A code thus costs a few shifts and a mask instead of
-    its own bit-offset arithmetic and loads, and the kernel's size grows with sum(R), not 32 x sum(R)
-    (a fully unrolled version took minutes to compile). Weights are formed exactly as format.grid /
-    dequantize_codes do; products accumulate in fp32. Same segment table and split-K scheme as
-    :func:`_baq_gemv_kernel`, blocks of 32 * CHUNKS columns.
-    """
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    mn_row = tl.load(rmin_ptr + rows, mask=rmask & (not GROUPED), other=-1.0).to(tl.float32)
-    mx_row = tl.load(rmax_ptr + rows, mask=rmask & (not GROUPED), other=1.0).to(tl.float32)
-    args = (x_ptr, q_ptr, perm_ptr, rmin_ptr, rmax_ptr, gidx_ptr, seg_ptr, rows, rmask, mn_row, mx_row, G)
-    y = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for R in tl.static_range(1, MAX_R + 1):
-        # P = a power of two >= ceil(32 / R), as a literal (shapes must be compile-time constants)
-        if R == 1:
-            y += _chunked_segment(*args, SPLIT, pid_k, R, 32, GROUPED, BLOCK_M, CHUNKS)
-        elif R <= 3:
-            y += _chunked_segment(*args, SPLIT, pid_k, R, 16, GROUPED, BLOCK_M, CHUNKS)
-        elif R <= 7:
-            y += _chunked_segment(*args, SPLIT, pid_k, R, 8, GROUPED, BLOCK_M, CHUNKS)
-        else:
-            y += _chunked_segment(*args, SPLIT, pid_k, R, 4, GROUPED, BLOCK_M, CHUNKS)
-
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-        if ATOMIC:
-            bias = tl.where(pid_k == 0, bias, 0.0)
-        y += bias
-    if ATOMIC:
-        tl.atomic_add(out_ptr + rows, y, mask=rmask)
-    else:
-        _store_out(out_ptr + rows, y, rmask, OUT_BF16)
-
-
-@triton.jit
-def _baq_dequant_kernel(
-    out_ptr,
-    q_ptr,
-    perm_ptr,
-    rmin_ptr,
-    rmax_ptr,
-    gidx_ptr,
     tile_ptr,
     M,
     G,
-    stride_om,
+    stride_oc,
+    stride_on,
     GROUPED: tl.constexpr,
-    STORED_ORDER: tl.constexpr,
     OUT_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Write one BLOCK_M x BLOCK_K tile of the dense weight.
-
-    ``tile_ptr`` holds one int32 row per column tile: (bits, tile_col_start, seg_col_start, seg_n_cols,
-    word_start). The bitwidth is a runtime value here (one launch covers all segments, 0-bit ones
-    included, which write zeros). Columns go to ``perm[col]`` (original order) or stay in storage order.
-    """
-    pid_t = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    R = tl.load(tile_ptr + pid_t * 5 + 0)
-    tile_col = tl.load(tile_ptr + pid_t * 5 + 1)
-    col_start = tl.load(tile_ptr + pid_t * 5 + 2)
-    n_cols = tl.load(tile_ptr + pid_t * 5 + 3)
-    word_start = tl.load(tile_ptr + pid_t * 5 + 4)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    rows64 = rows.to(tl.int64)
-    k = tile_col - col_start + tl.arange(0, BLOCK_K)
-    kmask = k < n_cols
-    m2 = rmask[:, None] & kmask[None, :]
-    cols = col_start + k
-
-    row_bit = word_start.to(tl.int64) * 32 + rows64 * (n_cols * R).to(tl.int64)
-    t = (row_bit & 31).to(tl.int32)[:, None] + (k * R)[None, :]
-    word = (row_bit >> 5)[:, None] + (t >> 5)
-    sh = (t & 31).to(tl.uint32)
-    has_bits = (k * 0 + R) > 0  # a block, not a scalar: the interpreter rejects scalar-broadcast masks
-    code = tl.load(q_ptr + word, mask=m2 & has_bits[None, :], other=0).to(tl.uint32, bitcast=True) >> sh
-    hi = tl.load(q_ptr + word + 1, mask=m2 & ((t & 31) + R > 32), other=0).to(tl.uint32, bitcast=True)
-    code = code | ((hi << 1) << (31 - sh))
-    maxq = (1 << R) - 1
-    q = _code_to_float(code & maxq.to(tl.uint32))
-    levels = tl.maximum(maxq, 1).to(tl.float32)
-
+    """One ``BLOCK_K x BLOCK_N`` tile of W, written to ``out[colmap[k] * stride_oc + n * stride_on]``."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < M
+    bits, kcol0, ncols, wrow0, _ = _tile_fields(tile_ptr, pid_k)
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < ncols
+    m2 = kmask[:, None] & nmask[None, :]
+    q = _decode_tile(q_ptr, bits, wrow0, offs_k, kmask, offs_n, nmask, M)
+    levels = tl.maximum((1 << bits) - 1, 1).to(tl.float32)
     if GROUPED:
-        g = tl.load(gidx_ptr + cols, mask=kmask, other=0)
-        roff = rows[:, None] * G + g[None, :]
+        g = tl.load(group_ptr + kcol0 + offs_k, mask=kmask, other=0)
+        roff = offs_n[None, :] * G + g[:, None]
         mn = tl.load(rmin_ptr + roff, mask=m2, other=-1.0).to(tl.float32)
         mx = tl.load(rmax_ptr + roff, mask=m2, other=1.0).to(tl.float32)
-        scale, zero = _grid(mn, mx, tl.zeros([BLOCK_M, BLOCK_K], tl.float32) + levels)
+        scale, zero = _grid(mn, mx, tl.zeros([BLOCK_K, BLOCK_N], tl.float32) + levels)
         w = scale * (q - zero)
     else:
-        mn = tl.load(rmin_ptr + rows, mask=rmask, other=-1.0).to(tl.float32)
-        mx = tl.load(rmax_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
-        scale, zero = _grid(mn, mx, tl.zeros([BLOCK_M], tl.float32) + levels)
-        w = scale[:, None] * (q - zero[:, None])
-    w = tl.where(has_bits[None, :], w, 0.0)
-
-    if STORED_ORDER:  # noqa: SIM108 (a constexpr branch)
-        dst = cols
-    else:
-        dst = tl.load(perm_ptr + cols, mask=kmask, other=0)
-    _store_out(out_ptr + rows64[:, None] * stride_om + dst[None, :], w, m2, OUT_BF16)
+        mn = tl.load(rmin_ptr + offs_n, mask=nmask, other=-1.0).to(tl.float32)
+        mx = tl.load(rmax_ptr + offs_n, mask=nmask, other=1.0).to(tl.float32)
+        scale, zero = _grid(mn, mx, tl.zeros([BLOCK_N], tl.float32) + levels)
+        w = scale[None, :] * (q - zero[None, :])
+    w = tl.where((offs_k * 0 + bits > 0)[:, None], w, 0.0)
+    col = tl.load(colmap_ptr + kcol0 + offs_k, mask=kmask, other=0).to(tl.int64)
+    _store_out(out_ptr + col[:, None] * stride_oc + offs_n[None, :] * stride_on, w, m2, OUT_BF16)
 
 
 # ----------------------------------------------------------------------------------------------
-# launchers
+# launchers (tensors in, tensors out)
 
-FUSED_MAX_ROWS = 16  # the most rows the fused kernels take (BLOCK_B)
-_TILE_FIELDS = 5
-_N_SM: dict[int, int] = {}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-@dataclass
-class KernelMeta:
-    """Per-layer launch metadata, built once per (device, packed data) so decode rebuilds nothing."""
+class Workspace:
+    """Per-device fp32 partial sums (``MAX_TILE_ROWS x M``) and per-row-tile counters, all zero between
+    calls. It only grows; a grown-out buffer is kept alive, because a captured CUDA graph may use it."""
 
-    device: torch.device
-    n_rows: int
-    qweight_ptr: int
-    segments: tuple[fmt.Segment, ...]
-    segments_list: list[fmt.Segment]  # the layer's own list: an identity check on the decode path
-    max_bits: int
-    seg_tables: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
-    tile_tables: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self._by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._retired: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def seg_table(self, block_k: int) -> tuple[torch.Tensor, int]:
-        """int32 (MAX_BITS + 1) x 5 table indexed by bitwidth, and the number of column blocks."""
-        if block_k not in self.seg_tables:
-            table = torch.zeros(fmt.MAX_BITS + 1, _N_SEG_FIELDS, dtype=torch.int32)
-            n_blocks = 0
-            for s in self.segments:
-                if s.bits == 0:
-                    continue
-                word_end = s.word_start + s.n_words(self.n_rows)
-                table[s.bits] = torch.tensor([s.col_start, s.n_cols, s.word_start, n_blocks, word_end])
-                n_blocks += _cdiv(s.n_cols, block_k)
-            self.seg_tables[block_k] = (table.to(self.device), n_blocks)
-        return self.seg_tables[block_k]
+    def get(self, device: torch.device, m: int, n_row_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ws = self._by_device.get(device)
+        if ws is None or ws[0].numel() < MAX_TILE_ROWS * m or ws[1].numel() < n_row_tiles:
+            if ws is not None:
+                self._retired.append(ws)
+                m = max(m, ws[0].numel() // MAX_TILE_ROWS)
+                n_row_tiles = max(n_row_tiles, ws[1].numel())
+            ws = (
+                torch.zeros(MAX_TILE_ROWS * m, dtype=torch.float32, device=device),
+                torch.zeros(n_row_tiles, dtype=torch.int32, device=device),
+            )
+            self._by_device[device] = ws
+        return ws
 
-    def tile_table(self, block_k: int) -> tuple[torch.Tensor, int]:
-        """int32 n_tiles x 5 table of the dequantizer's column tiles (0-bit segments included)."""
-        if block_k not in self.tile_tables:
-            rows = [
-                [s.bits, c0, s.col_start, s.n_cols, s.word_start]
-                for s in self.segments
-                for c0 in range(s.col_start, s.col_start + s.n_cols, block_k)
-            ]
-            table = torch.tensor(rows, dtype=torch.int32).reshape(-1, _TILE_FIELDS)
-            self.tile_tables[block_k] = (table.to(self.device), len(rows))
-        return self.tile_tables[block_k]
+
+WORKSPACE = Workspace()
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def layer_meta(layer) -> KernelMeta:
-    """The cached :class:`KernelMeta` of ``layer``; rebuilt when its device or packed data change."""
-    meta: KernelMeta | None = getattr(layer, "_baq_kernel_meta", None)
-    q = layer.qweight
-    segs = layer.segments
-    if (
-        meta is not None
-        and meta.device == q.device
-        and meta.qweight_ptr == q.data_ptr()
-        and (meta.segments_list is segs or meta.segments == tuple(segs))
-    ):
-        return meta
-    segs_t = tuple(segs)
-    meta = KernelMeta(
-        device=q.device,
-        n_rows=layer.out_features,
-        qweight_ptr=q.data_ptr(),
-        segments=segs_t,
-        segments_list=segs,
-        max_bits=max((s.bits for s in segs_t), default=0),
-    )
-    layer._baq_kernel_meta = meta
-    return meta
+def _check_x(x2: torch.Tensor, layout: KernelLayout) -> None:
+    if x2.dtype not in DTYPES:
+        raise TypeError(f"BAQ kernels support fp16, bf16 and fp32 activations, not {x2.dtype}")
+    if x2.dim() != 2 or x2.shape[1] != layout.in_features:
+        raise ValueError(f"x must be (rows, {layout.in_features}), got {tuple(x2.shape)}")
+    if x2.device != layout.device:
+        raise RuntimeError(f"the BAQ kernel layout is on {layout.device} but the input is on {x2.device}")
 
 
-def _n_sm(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # interpreter: programs run one after another, more of them only cost time
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _N_SM:
-        _N_SM[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _N_SM[idx]
-
-
-def _check_layer(layer, device: torch.device) -> None:
-    if layer.qweight.device != device:
-        raise RuntimeError(f"BaqLinear tensors are on {layer.qweight.device} but the input is on {device}")
-
-
-def fused_linear(
+def gemv(
     x2: torch.Tensor,
-    layer,
+    layout: KernelLayout,
+    bias: torch.Tensor | None,
     *,
-    impl: str = "auto",
-    block_m: int | None = None,
-    block_k: int | None = None,
-    split: int | None = None,
-    num_warps: int | None = None,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
 ) -> torch.Tensor:
-    """y = x2 W^T + b (B x M, x2's dtype) with a fused kernel, for B <= 16 rows of x2 (B x N).
+    """y = x2 W^T + b for one row (1 x N, contiguous), per-row ranges, with :func:`_gemv_kernel`."""
+    _check_x(x2, layout)
+    if x2.shape[0] != 1 or layout.grouped or not layout.zero_fold_exact:
+        raise ValueError("gemv takes one row of x and a per-row layout whose zero points fold exactly")
+    m = layout.out_features
+    y = torch.empty(1, m, dtype=x2.dtype, device=x2.device)
+    tiles, n_tiles = layout.tile_table(block_k)
+    n_row_tiles = _cdiv(m, block_n)
+    if n_tiles == 0:  # only 0-bit columns: y = b
+        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+    ws, cnt = WORKSPACE.get(x2.device, m, n_row_tiles)
+    out_bf16 = y.dtype == torch.bfloat16
+    _gemv_kernel[(n_row_tiles, n_tiles)](
+        x2,
+        y.view(torch.int16) if out_bf16 else y,
+        layout.codes,
+        layout.colmap,
+        layout.range_min,
+        layout.range_max,
+        bias if bias is not None else ws,
+        tiles,
+        ws,
+        cnt,
+        m,
+        n_tiles,
+        WIDTHS=layout.widths,
+        HAS_BIAS=bias is not None,
+        OUT_BF16=out_bf16,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    return y
 
-    ``impl``: "chunked" (word-level decode, batch 1 only), "per_code" (each code read on its own,
-    tensor-core dot for B > 1), or "auto" (chunked for B = 1). ``block_k`` is the number of columns
-    per step (32 x a power of two for chunked); block sizes and warps default to untuned guesses.
-    ``split`` > 1 splits K over that many programs per row block (fp32 atomics, then a cast); by
-    default it is chosen so that small layers still fill the GPU.
-    """
-    n_rows, n = x2.shape
-    if n_rows > FUSED_MAX_ROWS:
-        raise ValueError(f"fused_linear takes at most {FUSED_MAX_ROWS} rows, got {n_rows}")
-    if n != layer.in_features:
-        raise ValueError(f"input has {n} features, layer expects {layer.in_features}")
-    dtype = x2.dtype
-    if dtype not in _DTYPES:
-        raise TypeError(f"BAQ kernels support fp16, bf16 and fp32 activations, not {dtype}")
-    _check_layer(layer, x2.device)
-    if impl == "auto":
-        impl = "chunked" if n_rows == 1 else "per_code"
-    if impl not in ("chunked", "per_code") or (impl == "chunked" and n_rows > 1):
-        raise ValueError(f"impl={impl!r} for {n_rows} rows: use 'per_code', or 'chunked' for one row")
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    m = layer.out_features
-    meta = layer_meta(layer)
-    if n_rows == 0:
-        return x2.new_empty(0, m)
-    block_b = 1 if n_rows == 1 else 16
-    if block_m is None:
-        block_m = 16 if block_b == 1 else 32
-    if block_k is None:
-        block_k = 256 if impl == "chunked" else 128 if block_b == 1 else 64
-    if num_warps is None:
-        # spill-free on sm_90 per ptxas at MAX_R = 8 (168-229 registers); not yet tuned on a GPU
-        num_warps = 8 if block_b > 1 else 4
-    if impl == "chunked" and (block_k % 32 or (block_k // 32) & (block_k // 32 - 1)):
-        raise ValueError(f"chunked block_k must be 32 x a power of two, got {block_k}")
-    seg_table, n_blocks = meta.seg_table(block_k)
-    n_row_blocks = _cdiv(m, block_m)
-    if split is None:
-        split = max(1, min((2 * _n_sm(x2.device)) // n_row_blocks, n_blocks))
-    split = max(1, split)
-    atomic = split > 1
-    if atomic:
-        out = torch.zeros(n_rows, m, dtype=torch.float32, device=x2.device)
-    else:
-        out = torch.empty(n_rows, m, dtype=dtype, device=x2.device)
-    out_bf16 = out.dtype == torch.bfloat16
-    bias = layer.bias
-    if bias is not None and bias.dtype != dtype:
-        bias = bias.to(dtype)  # the torch path rounds the bias to the activation dtype too
-    grouped = layer.group_index is not None
-    common = (
-        out.view(torch.int16) if out_bf16 else out,
-        layer.qweight if layer.qweight.numel() else layer.perm,  # never read when empty
-        layer.perm,
-        layer.range_min,
-        layer.range_max,
-        layer.group_index if grouped else layer.perm,
-        bias if bias is not None else layer.perm,
-        seg_table,
+
+def tile_matmul(
+    x2: torch.Tensor,
+    layout: KernelLayout,
+    bias: torch.Tensor | None,
+    *,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+) -> torch.Tensor:
+    """Y = X W^T + b for up to 16 rows of X (rows contiguous), with :func:`_tile_kernel`."""
+    _check_x(x2, layout)
+    b, _ = x2.shape
+    if b > MAX_TILE_ROWS:
+        raise ValueError(f"tile_matmul takes at most {MAX_TILE_ROWS} rows, got {b}")
+    m = layout.out_features
+    y = torch.empty(b, m, dtype=x2.dtype, device=x2.device)
+    tiles, n_tiles = layout.tile_table(block_k)
+    if b == 0:
+        return y
+    if n_tiles == 0:
+        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+    n_row_tiles = _cdiv(m, block_n)
+    ws, cnt = WORKSPACE.get(x2.device, m, n_row_tiles)
+    # the dot's operand dtype: the activations', except under the interpreter (CPU tensors), which
+    # cannot run bf16 dots: there fp32 (exact products, so only more precise)
+    w_dtype = torch.float32 if x2.dtype == torch.bfloat16 and x2.device.type == "cpu" else x2.dtype
+    # per-row ranges: the dot takes the exact integers q - zero and the scale multiplies the product
+    factor = not layout.grouped and layout.qz_exact_in(w_dtype)
+    out_bf16 = y.dtype == torch.bfloat16
+    dummy = layout.colmap
+    _tile_kernel[(n_row_tiles, n_tiles)](
+        x2,
+        y.view(torch.int16) if out_bf16 else y,
+        layout.codes,
+        layout.colmap,
+        layout.group_of if layout.grouped else dummy,
+        layout.range_min,
+        layout.range_max,
+        bias if bias is not None else ws,
+        tiles,
+        ws,
+        cnt,
+        b,
+        m,
+        layout.n_groups,
+        x2.stride(0),
+        y.stride(0),
+        n_tiles,
+        GROUPED=layout.grouped,
+        HAS_BIAS=bias is not None,
+        OUT_BF16=out_bf16,
+        FACTOR_SCALE=factor,
+        W_DTYPE=_TL_DTYPE[w_dtype],
+        PRECISION="ieee" if w_dtype == torch.float32 else "tf32",
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_B=1 if b == 1 else MAX_TILE_ROWS,
+        num_warps=num_warps,
     )
-    flags = dict(
-        MAX_R=meta.max_bits, GROUPED=grouped, HAS_BIAS=bias is not None, ATOMIC=atomic, OUT_BF16=out_bf16
-    )
-    grid = (n_row_blocks, split)
-    if impl == "chunked":
-        _baq_gemv_chunked_kernel[grid](
-            x2,
-            *common,
-            m,
-            layer.range_min.shape[1],
-            split,
-            **flags,
-            BLOCK_M=block_m,
-            CHUNKS=block_k // 32,
-            num_warps=num_warps,
-        )
-    else:
-        _baq_gemv_kernel[grid](
-            x2,
-            *common,
-            n_rows,
-            m,
-            layer.range_min.shape[1],
-            x2.stride(0),
-            out.stride(0),
-            split,
-            **flags,
-            DOT_FP16=dtype == torch.float16,
-            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-            BLOCK_M=block_m,
-            BLOCK_K=block_k,
-            BLOCK_B=block_b,
-            num_warps=num_warps,
-        )
-    return out.to(dtype) if atomic and dtype != torch.float32 else out
+    return y
 
 
 def dequantize(
-    layer,
-    dtype: torch.dtype = torch.float16,
+    layout: KernelLayout,
+    dtype: torch.dtype,
     *,
-    stored_order: bool = False,
-    block_m: int = 32,
+    transposed: bool = False,
+    block_n: int = 64,
     block_k: int = 64,
     num_warps: int = 4,
 ) -> torch.Tensor:
-    """Dense weight (M x N) in ``dtype``; equals ``layer.dequantize().to(dtype)`` bit for bit.
+    """The dense weight W (M x N, original column order) in ``dtype``, or W^T (N x M, contiguous).
 
-    With ``stored_order`` the columns stay in storage order (coalesced stores), for callers that
-    permute x instead (``x[:, perm] @ W_stored^T``).
+    Equals ``format.dequantize_weight(...).to(dtype)`` bit for bit.
     """
-    if dtype not in _DTYPES:
+    if dtype not in DTYPES:
         raise TypeError(f"BAQ kernels write fp16, bf16 or fp32 weights, not {dtype}")
-    m, n = layer.out_features, layer.in_features
-    device = layer.qweight.device
-    out = torch.empty(m, n, dtype=dtype, device=device)
-    if m == 0 or n == 0:
+    m, n = layout.out_features, layout.in_features
+    out = torch.empty((n, m) if transposed else (m, n), dtype=dtype, device=layout.device)
+    tiles, n_tiles = layout.tile_table(block_k, with_zero_bits=True)
+    if m == 0 or n_tiles == 0:
         return out
-    meta = layer_meta(layer)
-    tiles, n_tiles = meta.tile_table(block_k)
-    grouped = layer.group_index is not None
+    stride_oc, stride_on = (m, 1) if transposed else (1, n)
     out_bf16 = dtype == torch.bfloat16
-    _baq_dequant_kernel[(n_tiles, _cdiv(m, block_m))](
+    _dequant_kernel[(_cdiv(m, block_n), n_tiles)](
         out.view(torch.int16) if out_bf16 else out,
-        layer.qweight if layer.qweight.numel() else layer.perm,
-        layer.perm,
-        layer.range_min,
-        layer.range_max,
-        layer.group_index if grouped else layer.perm,
+        layout.codes if layout.codes.numel() else layout.colmap,
+        layout.colmap,
+        layout.group_of if layout.grouped else layout.colmap,
+        layout.range_min,
+        layout.range_max,
         tiles,
         m,
-        layer.range_min.shape[1],
-        out.stride(0),
-        GROUPED=grouped,
-        STORED_ORDER=stored_order,
+        layout.n_groups,
+        stride_oc,
+        stride_on,
+        GROUPED=layout.grouped,
         OUT_BF16=out_bf16,
-        BLOCK_M=block_m,
+        BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,
     )
     return out
-
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
