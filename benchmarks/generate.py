@@ -69,6 +69,7 @@ CONFIGS = {
     ),
 }
 TINY = dict(  # --dry-run
+    CONFIGS["llama2-7b"],
     hidden_size=64,
     intermediate_size=96,
     num_hidden_layers=2,
@@ -76,8 +77,6 @@ TINY = dict(  # --dry-run
     num_key_value_heads=2,
     vocab_size=128,
     max_position_embeddings=256,
-    bos_token_id=1,
-    eos_token_id=2,
 )
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.util
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpreter
 os.environ.setdefault("TRITON_ALWAYS_COMPILE", "1")  # cold compile times
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # benchmarks/kernels.py would shadow the `kernels` package transformers probes for
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from kernel_bench import put_static_section  # noqa: E402  (benchmarks/kernel_bench.py, beside this script)
 
 from baq_hf.kernels import aot  # noqa: E402
 from baq_hf.kernels.configs import KernelConfig, candidates, fallback  # noqa: E402
@@ -76,12 +71,7 @@ def summary(rows: list[dict], meta: dict) -> str:
 
 def write(rows: list[dict], meta: dict, md: Path, js: Path, kernels_md: Path) -> None:
     js.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    spec = importlib.util.spec_from_file_location(
-        "_baq_bench_kernels", Path(__file__).with_name("kernels.py")
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.put_static_section(kernels_md, summary(rows, meta))
+    put_static_section(kernels_md, summary(rows, meta))
     lines = [
         "# BaqLinear kernels: static analysis for sm_90 (CPU-side, no GPU)",
         "",

@@ -17,38 +17,24 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.util
 import json
 import platform
 import sys
 import time
 from pathlib import Path
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # benchmarks/kernels.py would shadow the `kernels` package transformers probes for
+import torch
+from generate import CONFIGS, TINY  # benchmarks/generate.py, beside this script
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from baq_hf import BaqConfig
+from baq_hf.calibration import quantize_model
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from baq_hf import BaqConfig  # noqa: E402
-from baq_hf.calibration import quantize_model  # noqa: E402
-
-
-def _llama_configs() -> dict:
-    """benchmarks/generate.py's published model configs, loaded by path (see the sys.path note)."""
-    spec = importlib.util.spec_from_file_location(
-        "_baq_bench_generate", Path(__file__).with_name("generate.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return {"llama2-7b": mod.CONFIGS["llama2-7b"], "tiny": mod.TINY}
 
 
 def run(args, device: torch.device) -> dict:
-    fields = dict(_llama_configs()["tiny" if args.dry_run else "llama2-7b"], num_hidden_layers=args.blocks)
+    fields = dict(TINY if args.dry_run else CONFIGS["llama2-7b"], num_hidden_layers=args.blocks)
     torch.manual_seed(args.seed)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     with torch.device(device):

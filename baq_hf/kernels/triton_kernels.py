@@ -36,6 +36,8 @@ Triton interpreter (used by the CPU tests) truncates fp32 -> bf16 casts.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -80,53 +82,27 @@ def _tile_fields(tile_ptr, pid_k):
 
 @triton.jit
 def _finish(
-    part,
-    ws_ptr,
-    cnt_ptr,
-    out_ptr,
-    bias_ptr,
-    offs_b,
-    bmask,
-    offs_n,
-    nmask,
-    pid_n,
-    n_tiles,
-    M,
-    stride_ob,
-    HAS_BIAS: tl.constexpr,
-    OUT_BF16: tl.constexpr,
-    BATCHED: tl.constexpr,
+    part, wptrs, optrs, bptrs, mask, counter, n_tiles, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr
 ):
-    """Add ``part`` into the workspace; the row tile's last program writes y and re-zeroes the workspace.
+    """Add ``part`` into the workspace at ``wptrs``; the row tile's last program (``counter`` counts
+    them) writes y at ``optrs`` (+ the bias at ``bptrs``, broadcast) and re-zeroes the workspace.
 
     The barrier makes every thread's atomic add happen before the counter's release; the program that
     sees the count reach ``n_tiles - 1`` acquired all of them and reads the sums with atomic exchanges
     (coherent in L2, and they leave zeros behind).
     """
-    if BATCHED:
-        wptrs = ws_ptr + offs_b[:, None] * M + offs_n[None, :]
-        wmask = bmask[:, None] & nmask[None, :]
-        optrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
-    else:
-        wptrs = ws_ptr + offs_n
-        wmask = nmask
-        optrs = out_ptr + offs_n
-    tl.atomic_add(wptrs, part, mask=wmask, sem="relaxed")
+    tl.atomic_add(wptrs, part, mask=mask, sem="relaxed")
     tl.debug_barrier()
-    done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+    done = tl.atomic_add(counter, 1, sem="acq_rel")
     if done == n_tiles - 1:
         # exchanged as int32 bit patterns: the same on a GPU, and what the interpreter supports
         zeros = tl.zeros_like(part).to(tl.int32)
-        ibits = tl.atomic_xchg(wptrs.to(tl.pointer_type(tl.int32)), zeros, mask=wmask, sem="relaxed")
-        total = tl.where(wmask, ibits.to(tl.float32, bitcast=True), 0.0)  # masked lanes return garbage
+        ibits = tl.atomic_xchg(wptrs.to(tl.pointer_type(tl.int32)), zeros, mask=mask, sem="relaxed")
+        total = tl.where(mask, ibits.to(tl.float32, bitcast=True), 0.0)  # masked lanes return garbage
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            if BATCHED:
-                total += bias[None, :]
-            else:
-                total += bias
-        _store_out(optrs, total, wmask, OUT_BF16)
-        tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+            total += tl.load(bptrs, mask=mask, other=0.0).to(tl.float32)
+        _store_out(optrs, total, mask, OUT_BF16)
+        tl.atomic_xchg(counter, 0, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,40 +196,10 @@ def _gemv_kernel(
     for R in tl.static_range(1, 16):
         if (WIDTHS >> R) & 1:  # noqa: SIM102 (compile-time test; the inner one is a runtime branch)
             if bits == R:
-                part += _gemv_tile(
-                    q_ptr,
-                    x_ptr,
-                    colmap_ptr,
-                    mn,
-                    mx,
-                    offs_n,
-                    nmask,
-                    M,
-                    kcol0,
-                    ncols,
-                    wrow0,
-                    wrow_end,
-                    R,
-                    BLOCK_N,
-                )
-    _finish(
-        part,
-        ws_ptr,
-        cnt_ptr,
-        out_ptr,
-        bias_ptr,
-        0,
-        True,
-        offs_n,
-        nmask,
-        pid_n,
-        n_tiles,
-        M,
-        0,
-        HAS_BIAS,
-        OUT_BF16,
-        False,
-    )
+                part += _gemv_tile(q_ptr, x_ptr, colmap_ptr, mn, mx, offs_n, nmask, M, kcol0, ncols, wrow0,
+                                   wrow_end, R, BLOCK_N)  # fmt: skip
+    _finish(part, ws_ptr + offs_n, out_ptr + offs_n, bias_ptr + offs_n, nmask, cnt_ptr + pid_n, n_tiles,
+            HAS_BIAS, OUT_BF16)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,6 +220,26 @@ def _decode_tile(q_ptr, bits, wrow0, offs_k, kmask, offs_n, nmask, M):
     shu = sh.to(tl.uint32)[:, None]
     code = ((lo >> shu) | ((hi << 1) << (31 - shu))) & ((1 << bits) - 1).to(tl.uint32)
     return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _tile_grid(group_ptr, rmin_ptr, rmax_ptr, bits, kcol0, offs_k, kmask, offs_n, nmask, G,
+               GROUPED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """(scale, zero) of a tile's codes: ``[BLOCK_K, BLOCK_N]`` per range group, or ``[1, BLOCK_N]`` per
+    row. Masked entries get a harmless [-1, 1] range; 0-bit tiles a grid of 1 level (their weights
+    are zeroed by the caller)."""
+    levels = tl.maximum((1 << bits) - 1, 1).to(tl.float32)
+    if GROUPED:
+        g = tl.load(group_ptr + kcol0 + offs_k, mask=kmask, other=0)
+        roff = offs_n[None, :] * G + g[:, None]
+        m2 = kmask[:, None] & nmask[None, :]
+        mn = tl.load(rmin_ptr + roff, mask=m2, other=-1.0).to(tl.float32)
+        mx = tl.load(rmax_ptr + roff, mask=m2, other=1.0).to(tl.float32)
+        return _grid(mn, mx, tl.zeros([BLOCK_K, BLOCK_N], tl.float32) + levels)
+    mn = tl.load(rmin_ptr + offs_n, mask=nmask, other=-1.0).to(tl.float32)
+    mx = tl.load(rmax_ptr + offs_n, mask=nmask, other=1.0).to(tl.float32)
+    scale, zero = _grid(mn, mx, tl.zeros([BLOCK_N], tl.float32) + levels)
+    return scale[None, :], zero[None, :]
 
 
 @triton.jit(do_not_specialize=["B", "n_tiles"])
@@ -314,60 +280,29 @@ def _tile_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     kmask = offs_k < ncols
     q = _decode_tile(q_ptr, bits, wrow0, offs_k, kmask, offs_n, nmask, M)
-    levels = ((1 << bits) - 1).to(tl.float32)
-    if GROUPED:
-        g = tl.load(group_ptr + kcol0 + offs_k, mask=kmask, other=0)
-        roff = offs_n[None, :] * G + g[:, None]
-        m2 = kmask[:, None] & nmask[None, :]
-        mn = tl.load(rmin_ptr + roff, mask=m2, other=-1.0).to(tl.float32)
-        mx = tl.load(rmax_ptr + roff, mask=m2, other=1.0).to(tl.float32)
-        scale, zero = _grid(mn, mx, tl.zeros([BLOCK_K, BLOCK_N], tl.float32) + levels)
-        w = scale * (q - zero)
+    scale, zero = _tile_grid(group_ptr, rmin_ptr, rmax_ptr, bits, kcol0, offs_k, kmask, offs_n, nmask, G,
+                             GROUPED, BLOCK_K, BLOCK_N)  # fmt: skip
+    if FACTOR_SCALE:  # noqa: SIM108 (a constexpr branch)
+        w = q - zero  # integers, exact in W_DTYPE (the layout's bound was checked)
     else:
-        mn = tl.load(rmin_ptr + offs_n, mask=nmask, other=-1.0).to(tl.float32)
-        mx = tl.load(rmax_ptr + offs_n, mask=nmask, other=1.0).to(tl.float32)
-        scale, zero = _grid(mn, mx, tl.zeros([BLOCK_N], tl.float32) + levels)
-        if FACTOR_SCALE:  # noqa: SIM108 (a constexpr branch)
-            w = q - zero[None, :]  # integers, exact in W_DTYPE (the layout's bound was checked)
-        else:
-            w = scale[None, :] * (q - zero[None, :])
+        w = scale * (q - zero)
     col = tl.load(colmap_ptr + kcol0 + offs_k, mask=kmask, other=0)
     if BLOCK_B == 1:
         xv = tl.load(x_ptr + col, mask=kmask, other=0.0).to(tl.float32)
         part = tl.sum(w * xv[:, None], axis=0)
         if FACTOR_SCALE:
-            part = part * scale
-        offs_b = 0
-        bmask = True
+            part = part * tl.reshape(scale, [BLOCK_N])
+        _finish(part, ws_ptr + offs_n, out_ptr + offs_n, bias_ptr + offs_n, nmask, cnt_ptr + pid_n, n_tiles,
+                HAS_BIAS, OUT_BF16)  # fmt: skip
     else:
-        offs_b = tl.arange(0, BLOCK_B)
-        bmask = offs_b < B
-        xt = tl.load(
-            x_ptr + offs_b[:, None] * stride_xb + col[None, :],
-            mask=bmask[:, None] & kmask[None, :],
-            other=0.0,
-        )
+        rows = tl.arange(0, BLOCK_B)[:, None]
+        xt = tl.load(x_ptr + rows * stride_xb + col[None, :], mask=(rows < B) & kmask[None, :], other=0.0)
         part = tl.dot(xt.to(W_DTYPE), w.to(W_DTYPE), input_precision=PRECISION)
         if FACTOR_SCALE:
-            part = part * scale[None, :]
-    _finish(
-        part,
-        ws_ptr,
-        cnt_ptr,
-        out_ptr,
-        bias_ptr,
-        offs_b,
-        bmask,
-        offs_n,
-        nmask,
-        pid_n,
-        n_tiles,
-        M,
-        stride_ob,
-        HAS_BIAS,
-        OUT_BF16,
-        BLOCK_B > 1,
-    )
+            part = part * scale
+        cols = offs_n[None, :]
+        _finish(part, ws_ptr + rows * M + cols, out_ptr + rows * stride_ob + cols, bias_ptr + 0 * rows + cols,
+                (rows < B) & nmask[None, :], cnt_ptr + pid_n, n_tiles, HAS_BIAS, OUT_BF16)  # fmt: skip
 
 
 @triton.jit
@@ -398,19 +333,9 @@ def _dequant_kernel(
     kmask = offs_k < ncols
     m2 = kmask[:, None] & nmask[None, :]
     q = _decode_tile(q_ptr, bits, wrow0, offs_k, kmask, offs_n, nmask, M)
-    levels = tl.maximum((1 << bits) - 1, 1).to(tl.float32)
-    if GROUPED:
-        g = tl.load(group_ptr + kcol0 + offs_k, mask=kmask, other=0)
-        roff = offs_n[None, :] * G + g[:, None]
-        mn = tl.load(rmin_ptr + roff, mask=m2, other=-1.0).to(tl.float32)
-        mx = tl.load(rmax_ptr + roff, mask=m2, other=1.0).to(tl.float32)
-        scale, zero = _grid(mn, mx, tl.zeros([BLOCK_K, BLOCK_N], tl.float32) + levels)
-        w = scale * (q - zero)
-    else:
-        mn = tl.load(rmin_ptr + offs_n, mask=nmask, other=-1.0).to(tl.float32)
-        mx = tl.load(rmax_ptr + offs_n, mask=nmask, other=1.0).to(tl.float32)
-        scale, zero = _grid(mn, mx, tl.zeros([BLOCK_N], tl.float32) + levels)
-        w = scale[None, :] * (q - zero[None, :])
+    scale, zero = _tile_grid(group_ptr, rmin_ptr, rmax_ptr, bits, kcol0, offs_k, kmask, offs_n, nmask, G,
+                             GROUPED, BLOCK_K, BLOCK_N)  # fmt: skip
+    w = scale * (q - zero)
     w = tl.where((offs_k * 0 + bits > 0)[:, None], w, 0.0)
     col = tl.load(colmap_ptr + kcol0 + offs_k, mask=kmask, other=0).to(tl.int64)
     _store_out(out_ptr + col[:, None] * stride_oc + offs_n[None, :] * stride_on, w, m2, OUT_BF16)
@@ -462,6 +387,34 @@ def _check_x(x2: torch.Tensor, layout: KernelLayout) -> None:
         raise RuntimeError(f"the BAQ kernel layout is on {layout.device} but the input is on {x2.device}")
 
 
+class _Launch(NamedTuple):
+    """What the two products launch with: y, the kernel's view of it, tiles, workspace and grid."""
+
+    y: torch.Tensor
+    out: torch.Tensor  # y, or its int16 view for bf16 (see _store_out)
+    tiles: torch.Tensor
+    n_tiles: int
+    ws: torch.Tensor
+    cnt: torch.Tensor
+    grid: tuple[int, int]
+
+
+def _prepare(x2: torch.Tensor, layout: KernelLayout, bias: torch.Tensor | None, block_n: int,
+             block_k: int) -> _Launch | torch.Tensor:  # fmt: skip
+    """Checks, y and the launch arguments of a product; y itself when no kernel is needed (no rows,
+    or only 0-bit columns: y = b)."""
+    _check_x(x2, layout)
+    m = layout.out_features
+    y = torch.empty(x2.shape[0], m, dtype=x2.dtype, device=x2.device)
+    tiles, n_tiles = layout.tile_table(block_k)
+    if x2.shape[0] == 0 or n_tiles == 0:
+        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+    grid = (_cdiv(m, block_n), n_tiles)
+    ws, cnt = WORKSPACE.get(x2.device, m, grid[0])
+    out = y.view(torch.int16) if y.dtype == torch.bfloat16 else y
+    return _Launch(y, out, tiles, n_tiles, ws, cnt, grid)
+
+
 def gemv(
     x2: torch.Tensor,
     layout: KernelLayout,
@@ -472,37 +425,18 @@ def gemv(
     num_warps: int,
 ) -> torch.Tensor:
     """y = x2 W^T + b for one row (1 x N, contiguous), per-row ranges, with :func:`_gemv_kernel`."""
-    _check_x(x2, layout)
     if x2.shape[0] != 1 or layout.grouped or not layout.zero_fold_exact:
         raise ValueError("gemv takes one row of x and a per-row layout whose zero points fold exactly")
-    m = layout.out_features
-    y = torch.empty(1, m, dtype=x2.dtype, device=x2.device)
-    tiles, n_tiles = layout.tile_table(block_k)
-    n_row_tiles = _cdiv(m, block_n)
-    if n_tiles == 0:  # only 0-bit columns: y = b
-        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
-    ws, cnt = WORKSPACE.get(x2.device, m, n_row_tiles)
-    out_bf16 = y.dtype == torch.bfloat16
-    _gemv_kernel[(n_row_tiles, n_tiles)](
-        x2,
-        y.view(torch.int16) if out_bf16 else y,
-        layout.codes,
-        layout.colmap,
-        layout.range_min,
-        layout.range_max,
-        bias if bias is not None else ws,
-        tiles,
-        ws,
-        cnt,
-        m,
-        n_tiles,
-        WIDTHS=layout.widths,
-        HAS_BIAS=bias is not None,
-        OUT_BF16=out_bf16,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
-    )
-    return y
+    p = _prepare(x2, layout, bias, block_n, block_k)
+    if not isinstance(p, _Launch):
+        return p
+    _gemv_kernel[p.grid](
+        x2, p.out, layout.codes, layout.colmap, layout.range_min, layout.range_max,
+        bias if bias is not None else p.ws, p.tiles, p.ws, p.cnt, layout.out_features, p.n_tiles,
+        WIDTHS=layout.widths, HAS_BIAS=bias is not None, OUT_BF16=p.y.dtype == torch.bfloat16,
+        BLOCK_N=block_n, num_warps=num_warps,
+    )  # fmt: skip
+    return p.y
 
 
 def tile_matmul(
@@ -515,56 +449,27 @@ def tile_matmul(
     num_warps: int,
 ) -> torch.Tensor:
     """Y = X W^T + b for up to 16 rows of X (rows contiguous), with :func:`_tile_kernel`."""
-    _check_x(x2, layout)
-    b, _ = x2.shape
+    b = x2.shape[0]
     if b > MAX_TILE_ROWS:
         raise ValueError(f"tile_matmul takes at most {MAX_TILE_ROWS} rows, got {b}")
-    m = layout.out_features
-    y = torch.empty(b, m, dtype=x2.dtype, device=x2.device)
-    tiles, n_tiles = layout.tile_table(block_k)
-    if b == 0:
-        return y
-    if n_tiles == 0:
-        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
-    n_row_tiles = _cdiv(m, block_n)
-    ws, cnt = WORKSPACE.get(x2.device, m, n_row_tiles)
+    p = _prepare(x2, layout, bias, block_n, block_k)
+    if not isinstance(p, _Launch):
+        return p
     # the dot's operand dtype: the activations', except under the interpreter (CPU tensors), which
     # cannot run bf16 dots: there fp32 (exact products, so only more precise)
     w_dtype = torch.float32 if x2.dtype == torch.bfloat16 and x2.device.type == "cpu" else x2.dtype
     # per-row ranges: the dot takes the exact integers q - zero and the scale multiplies the product
     factor = not layout.grouped and layout.qz_exact_in(w_dtype)
-    out_bf16 = y.dtype == torch.bfloat16
-    dummy = layout.colmap
-    _tile_kernel[(n_row_tiles, n_tiles)](
-        x2,
-        y.view(torch.int16) if out_bf16 else y,
-        layout.codes,
-        layout.colmap,
-        layout.group_of if layout.grouped else dummy,
-        layout.range_min,
-        layout.range_max,
-        bias if bias is not None else ws,
-        tiles,
-        ws,
-        cnt,
-        b,
-        m,
-        layout.n_groups,
-        x2.stride(0),
-        y.stride(0),
-        n_tiles,
-        GROUPED=layout.grouped,
-        HAS_BIAS=bias is not None,
-        OUT_BF16=out_bf16,
-        FACTOR_SCALE=factor,
-        W_DTYPE=_TL_DTYPE[w_dtype],
-        PRECISION="ieee" if w_dtype == torch.float32 else "tf32",
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        BLOCK_B=1 if b == 1 else MAX_TILE_ROWS,
-        num_warps=num_warps,
-    )
-    return y
+    precision = "ieee" if w_dtype == torch.float32 else "tf32"
+    _tile_kernel[p.grid](
+        x2, p.out, layout.codes, layout.colmap, layout.group_of if layout.grouped else layout.colmap,
+        layout.range_min, layout.range_max, bias if bias is not None else p.ws, p.tiles, p.ws, p.cnt, b,
+        layout.out_features, layout.n_groups, x2.stride(0), p.y.stride(0), p.n_tiles,
+        GROUPED=layout.grouped, HAS_BIAS=bias is not None, OUT_BF16=p.y.dtype == torch.bfloat16,
+        FACTOR_SCALE=factor, W_DTYPE=_TL_DTYPE[w_dtype], PRECISION=precision,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_B=1 if b == 1 else MAX_TILE_ROWS, num_warps=num_warps,
+    )  # fmt: skip
+    return p.y
 
 
 def dequantize(
