@@ -85,6 +85,14 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="uniform and baq always run",
+    )
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = smollm2_path()
@@ -93,8 +101,10 @@ def main() -> None:
     windows = calibration_windows(c4_calibration_text(), tokenizer, args.num_samples, args.seqlen, 0)
     times: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.repeats):
-        for setting, fields in SETTINGS.items():
+        for setting, fields in ((s, SETTINGS[s]) for s in args.settings):
             for variant, extra in VARIANTS.items():
+                if variant not in ("uniform", "baq", *args.variants):
+                    continue
                 config = BaqConfig(num_samples=args.num_samples, seqlen=args.seqlen, **fields, **extra)
                 run = time_one(base, windows, config)
                 times.setdefault((setting, variant), []).append(run)
@@ -125,7 +135,8 @@ def main() -> None:
     meta = {
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "command": f"python benchmarks/quant_time.py --num-samples {args.num_samples} --seqlen {args.seqlen} "
-        f"--repeats {args.repeats} --threads {args.threads}",
+        f"--repeats {args.repeats} --threads {args.threads} --variants {' '.join(args.variants)} "
+        f"--settings {' '.join(repr(s) for s in args.settings)}",
         "protocol": f"{args.num_samples} C4 calibration windows of {args.seqlen} tokens, fp32 on CPU",
         "repeats": args.repeats,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
