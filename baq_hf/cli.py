@@ -113,7 +113,8 @@ def add_evaluation_flags(group: Any, quantize: bool) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree; every flag's help says what it does and its default."""
-    from .config import ALLOCATIONS
+    from .budget import WEIGHTINGS
+    from .config import ALLOCATIONS, BUDGETS
 
     d = _config_defaults()
 
@@ -158,7 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--allocation",
         choices=ALLOCATIONS,
         default=d["allocation"],
-        help="baq: exact optimum; paper: Alg. 1-2 as written; measured: from a uniform pass; uniform: GPTQ",
+        help="baq: exact optimum; grid: exact optimum of the real per-bitwidth rounding errors; paper: Alg. "
+        "1-2 as written; measured: from a uniform pass; uniform: GPTQ",
+    )
+    g.add_argument(
+        "--clip-search",
+        action="store_true",
+        help="search a clipped range per row/group (Hessian-weighted); large gains at 2-3 bits",
+    )
+    g.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        default=d["budget"],
+        help="layer: every layer gets --bits; model: --bits over all weights, bits move between layers",
+    )
+    g.add_argument(
+        "--budget-weighting",
+        choices=WEIGHTINGS,
+        default=d["budget_weighting"],
+        help="with --budget model: how a layer's output error is priced (fisher: squared gradients)",
     )
     setting(g, "group_size", int, "N", "columns per range; -1 = per row")
     g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
@@ -365,6 +384,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         sym=args.sym,
         act_order=args.act_order,
+        clip_search=args.clip_search,
+        budget=args.budget,
+        budget_weighting=args.budget_weighting,
         damp_percent=args.damp_percent,
         dataset=args.dataset,
         num_samples=args.num_samples,
