@@ -19,8 +19,10 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
-# registers per thread: 2 programs of 4 warps per SM at 128 (tile), 8 of 2 warps at 96 (gemv)
-REGISTER_BUDGET = {"gemv": 96, "tile": 168, "dequant": 128}
+# registers per thread: 8 programs of 2 warps per SM at 96 (gemv); the tile kernel (4 warps) keeps 2
+# programs per SM up to 255 (65536 / 128 threads / 2), and its bf16 grouped variant measured 182, so
+# 192 holds it with that occupancy
+REGISTER_BUDGET = {"gemv": 96, "tile": 192, "dequant": 128}
 
 
 @pytest.fixture(scope="module")

@@ -235,11 +235,14 @@ def _tile_grid(group_ptr, rmin_ptr, rmax_ptr, bits, kcol0, offs_k, kmask, offs_n
         m2 = kmask[:, None] & nmask[None, :]
         mn = tl.load(rmin_ptr + roff, mask=m2, other=-1.0).to(tl.float32)
         mx = tl.load(rmax_ptr + roff, mask=m2, other=1.0).to(tl.float32)
-        return _grid(mn, mx, tl.zeros([BLOCK_K, BLOCK_N], tl.float32) + levels)
-    mn = tl.load(rmin_ptr + offs_n, mask=nmask, other=-1.0).to(tl.float32)
-    mx = tl.load(rmax_ptr + offs_n, mask=nmask, other=1.0).to(tl.float32)
-    scale, zero = _grid(mn, mx, tl.zeros([BLOCK_N], tl.float32) + levels)
-    return scale[None, :], zero[None, :]
+        scale, zero = _grid(mn, mx, tl.zeros([BLOCK_K, BLOCK_N], tl.float32) + levels)
+    else:  # one return for both branches: Triton types every return of a function, constexpr or not
+        mn = tl.load(rmin_ptr + offs_n, mask=nmask, other=-1.0).to(tl.float32)
+        mx = tl.load(rmax_ptr + offs_n, mask=nmask, other=1.0).to(tl.float32)
+        row_scale, row_zero = _grid(mn, mx, tl.zeros([BLOCK_N], tl.float32) + levels)
+        scale = row_scale[None, :]
+        zero = row_zero[None, :]
+    return scale, zero
 
 
 @triton.jit(do_not_specialize=["B", "n_tiles"])
