@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval",
         help="perplexity or zero-shot accuracy of a (BAQ or float) model",
-        description="Perplexity with the GPTQ protocol (--dataset: tokenize once, non-overlapping windows, "
+        description="Perplexity with the GPTQ protocol (--eval: tokenize once, non-overlapping windows, "
         "exp(mean token NLL)), or zero-shot accuracy with lm-evaluation-harness (--tasks).",
         formatter_class=_HelpFormatter,
     )
