@@ -163,3 +163,15 @@ def test_registration_is_through_transformers_registry():
 
     assert AUTO_QUANTIZER_MAPPING["baq"] is baq_hf.BaqHfQuantizer
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["baq"] is BaqConfig
+
+
+def test_dequantize_after_quantizing_and_saving_gives_the_same_logits(tiny_checkpoints, tmp_path):
+    """After save_pretrained, the config's dtype (which transformers hands _dequantize) is a string."""
+    model = quantize(tiny_checkpoints["llama"])
+    model.save_pretrained(tmp_path)
+    ids = torch.tensor([calibration_ids(1)[0]])
+    with torch.no_grad():
+        packed = model(ids).logits
+        dense = model.dequantize()(ids).logits
+    assert not any(isinstance(m, BaqLinear) for m in model.modules())
+    assert torch.equal(packed, dense)
