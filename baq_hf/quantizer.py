@@ -147,6 +147,8 @@ class BaqHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype=None):
+        if isinstance(dtype, str):  # transformers passes model.config.dtype, a name in some loading paths
+            dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
             if isinstance(module, BaqLinear):
                 target = dtype or (module.bias.dtype if module.bias is not None else torch.float32)

@@ -233,3 +233,15 @@ def test_checkpoints_written_before_16_bit_storage_are_saved_as_they_were(quanti
     model.save_pretrained(tmp_path / "again")
     assert stored_dtypes(tmp_path / "again") == stored_dtypes(old)
     assert "F32" in set(stored_dtypes(old).values())
+
+
+def test_dequantize_after_quantizing_and_saving_gives_the_same_logits(tiny_checkpoints, tmp_path):
+    """After save_pretrained, the config's dtype (which transformers hands _dequantize) is a string."""
+    model = quantize(tiny_checkpoints["llama"])
+    model.save_pretrained(tmp_path)
+    ids = torch.tensor([calibration_ids(1)[0]])
+    with torch.no_grad():
+        packed = model(ids).logits
+        dense = model.dequantize()(ids).logits
+    assert not any(isinstance(m, BaqLinear) for m in model.modules())
+    assert torch.equal(packed, dense)
