@@ -28,7 +28,7 @@ from baq_hf.zeroshot import (
     write_stock_reference_tasks,
 )
 
-from .conftest import calibration_ids, tiny_model
+from .conftest import SHARED_DATA, calibration_ids, tiny_model
 from .test_cli import make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -104,9 +104,8 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 
 def shared_task_data() -> Path | None:
-    for folder in data.data_dirs():
-        if (folder / "zeroshot").is_dir():
-            return folder / "zeroshot"
+    if SHARED_DATA is not None and (SHARED_DATA / "zeroshot").is_dir():
+        return SHARED_DATA / "zeroshot"
     return None
 
 
