@@ -112,6 +112,12 @@ def test_quantize_writes_a_complete_folder(workspace, capsys):
     assert all(abs(layer.code_bits - 2.5) < 1 / layer.in_features for layer in layers)
 
 
+def test_saved_files_share_one_mode(workspace):
+    """model.safetensors is readable like config.json (safetensors >= 0.8 alone would leave it 0600)."""
+    modes = {p.name: p.stat().st_mode & 0o777 for p in workspace["out"].iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes
+
+
 def test_quantize_prints_bits_size_and_both_perplexities(workspace):
     """What a user reads at the end of a run: both perplexities, the bits, the size next to 16 bits."""
     out = workspace["stdout"]
