@@ -21,6 +21,7 @@ from typing import Any
 
 from .data import EVAL_SETS
 from .models import DEFAULT_MODEL
+from .sources import HUB_MODEL_ID, model_source
 
 # Errors that mean "the input or the setup is wrong", reported as one line. Anything else is a bug
 # and keeps its traceback. BAQ_HF_DEBUG=1 shows tracebacks for handled errors too.
@@ -290,7 +291,7 @@ def _base_model_id(model: str, explicit: str | None) -> str | None:
         return explicit
     if model.strip().lower() == DEFAULT_MODEL:
         return SMOLLM2_HUB_ID
-    if not Path(model).expanduser().exists() and model.count("/") == 1:
+    if not Path(model).expanduser().exists() and HUB_MODEL_ID.fullmatch(model):
         return model
     return None
 
@@ -354,7 +355,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import hub, models
+    from . import hub
     from .config import BaqConfig
     from .data import is_hub_id, resolve_eval_text
     from .eval import evaluate
@@ -397,7 +398,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         keep_float32=args.keep_float32,
     )
     base_model = _base_model_id(args.model, args.base_model)
-    source = models.resolve_model(args.model)
+    source = model_source(args.model)
     _preflight(source, config, eval_seqlen if args.eval else None)
     _log(f"loading tokenizer from {source}")
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -480,16 +481,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import models
     from .data import resolve_eval_text
     from .eval import evaluate
 
     for name in args.eval or []:
         resolve_eval_text(name)
     zeroshot_tasks = _check_zeroshot(args) if args.tasks else None
-    source = models.resolve_model(args.model)
-    if not Path(source).expanduser().exists() and args.model.count("/") != 1:
-        raise FileNotFoundError(f"{args.model!r} is neither a folder nor a Hub id (user/name)")
+    source = model_source(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(_device(args.device))
     if zeroshot_tasks is not None:

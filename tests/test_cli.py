@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ import torch
 from huggingface_hub import HfApi
 from transformers import AutoModelForCausalLM
 
-from baq_hf import BaqLinear, cli, data
+from baq_hf import BaqLinear, cli, data, sources
 from baq_hf.report import size_on_disk
 
 from .conftest import VOCAB, tiny_model
@@ -298,6 +299,8 @@ def test_usage_errors_exit_2(argv, capsys):
         (["inspect", "{tmp}/nothing"], "is not a folder"),
         (["inspect", "{fp}"], "no BaqLinear layer"),
         (["eval", "{tmp}/nothing", "--eval", "{calib}"], "neither a folder nor a Hub id"),
+        (["quantize", "./no/such/model", "--out", "{tmp}/o"], "neither a folder nor a Hub id"),
+        (["quantize", "{calib}", "--out", "{tmp}/o"], "is a file; give the model's folder"),
     ],
 )
 def test_handled_errors_exit_1_without_traceback(workspace, tmp_path, capsys, argv, message):
@@ -306,6 +309,41 @@ def test_handled_errors_exit_1_without_traceback(workspace, tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert err.startswith("error: ") or "\nerror: " in err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+@pytest.mark.parametrize("offline", [True, False])
+def test_an_unreachable_hub_id_fails_at_once(monkeypatch, tmp_path, capsys, command, offline):
+    """Not in the cache and no Hub: one clear line in about a second, not 1.5 minutes of retries."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
+    for proxy in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    extra = ["--out", str(tmp_path / "o")] if command == "quantize" else ["--eval", "wikitext2"]
+    start = time.perf_counter()
+    assert cli.main([command, "someone/no-such-model", *extra]) == 1
+    assert time.perf_counter() - start < 10
+    err = capsys.readouterr().err
+    assert "'someone/no-such-model' is not in the local Hub cache" in err and "hf download" in err
+    assert ("HF_HUB_OFFLINE is set" if offline else "127.0.0.1:9 cannot be reached") in err
+
+
+def test_a_cached_hub_id_loads_from_the_cache_when_offline(workspace, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    shutil.copytree(workspace["fp"], repo / "snapshots" / "abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert sources.model_source("someone/tiny") == str(repo / "snapshots" / "abc123")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    assert sources.model_source("someone/tiny") == str(repo / "snapshots" / "abc123")
 
 
 def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
