@@ -280,6 +280,8 @@ def test_usage_errors_exit_2(argv, capsys):
         (["quantize", "{fp}", "--eval", "nosuchset", "--out", "{tmp}/o"], "nosuchset"),
         (["quantize", "{fp}", "--out", "{fp}"], "not empty"),
         (["quantize", "{fp}", "--group-size", "48", "--out", "{tmp}/o"], "does not divide in_features=64"),
+        (["quantize", "{fp}", "--group-size", "0", "--out", "{tmp}/o"], "layer of this model: 16, 32"),
+        (["quantize", "{fp}", "--group-size", "64", "--out", "{tmp}/o"], "--skip-modules down_proj"),
         (["quantize", "{fp}", "--seqlen", "256", "--out", "{tmp}/o"], "max_position_embeddings=128"),
         (
             [
@@ -346,6 +348,26 @@ def test_a_cached_hub_id_loads_from_the_cache_when_offline(workspace, monkeypatc
     assert sources.model_source("someone/tiny") == str(repo / "snapshots" / "abc123")
 
 
+def test_skip_modules_keeps_the_layers_a_group_width_does_not_divide(workspace, tmp_path, capsys):
+    """The suggestion of the error works: with groups of 32, down_proj (80 inputs) stays in full precision."""
+    fp = tmp_path / "fp"
+    tiny_model("llama", intermediate_size=80).save_pretrained(fp)
+    make_tokenizer().save_pretrained(fp)
+    out = tmp_path / "o"
+    assert cli.main(["quantize", str(fp), "--group-size", "32", "--out", str(out)]) == 1
+    argv = [
+        "quantize", str(fp), "--group-size", "32", "--skip-modules", "down_proj", "--bits", "3",
+        "--dataset", str(workspace["calib"]), "--num-samples", "2", "--seqlen", "32", "--out", str(out),
+        "--no-progress",
+    ]  # fmt: skip
+    assert "--skip-modules down_proj" in capsys.readouterr().err
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(argv) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    kinds = {n.rsplit(".", 1)[-1]: type(m) for n, m in model.named_modules() if "layers.0." in n}
+    assert kinds["down_proj"] is torch.nn.Linear and kinds["up_proj"] is BaqLinear
+
+
 def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
@@ -360,8 +382,8 @@ def test_every_quantize_flag_is_explained(capsys):
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     flags = (
         "--bits --allocation --dataset --out --group-size --act-order --sym --num-samples --seqlen --seed "
-        "--damp-percent --min-bits --max-bits --resume --compare-uniform --eval --eval-windows "
-        "--eval-seqlen --push-to-hub --overwrite --keep-float32 --private --base-model --device --no-progress"
+        "--damp-percent --min-bits --max-bits --skip-modules --resume --compare-uniform --eval --eval-windows"
+        " --eval-seqlen --push-to-hub --overwrite --keep-float32 --private --base-model --device --no-progress"
     )
     for flag in flags.split():
         assert flag in text, flag
