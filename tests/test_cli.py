@@ -382,8 +382,9 @@ def test_every_quantize_flag_is_explained(capsys):
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     flags = (
         "--bits --allocation --dataset --out --group-size --act-order --sym --num-samples --seqlen --seed "
-        "--damp-percent --min-bits --max-bits --skip-modules --resume --compare-uniform --eval --eval-windows"
-        " --eval-seqlen --push-to-hub --overwrite --keep-float32 --private --base-model --device --no-progress"
+        "--damp-percent --min-bits --max-bits --skip-modules --resume --compare-uniform --eval "
+        "--eval-windows --eval-seqlen --push-to-hub --overwrite --keep-float32 --private --base-model "
+        "--device --no-progress"
     )
     for flag in flags.split():
         assert flag in text, flag
