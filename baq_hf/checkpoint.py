@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from .filemode import fix_safetensors_modes, save_file
 from .format import read_safetensors_header
 from .linear import FIXED_DTYPE_BUFFERS, BaqLinear
 
@@ -88,7 +89,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), {"format": "pt"})
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, {"format": "pt"})
     _replace_atomically(tmp, path)
 
 
@@ -303,6 +304,7 @@ def save_quantized(
             encoding="utf-8",
         )
         model.save_pretrained(tmp, **save_kwargs)
+        fix_safetensors_modes(tmp)  # 0600 from safetensors >= 0.8, 0644 like the rest of the folder
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         extra = extra_files(tmp) if callable(extra_files) else extra_files or {}

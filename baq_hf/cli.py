@@ -21,6 +21,7 @@ from typing import Any
 
 from .data import EVAL_SETS
 from .models import DEFAULT_MODEL
+from .sources import HUB_MODEL_ID, model_source
 
 # Errors that mean "the input or the setup is wrong", reported as one line. Anything else is a bug
 # and keeps its traceback. BAQ_HF_DEBUG=1 shows tracebacks for handled errors too.
@@ -180,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --budget model: how a layer's output error is priced (fisher: squared gradients)",
     )
     setting(g, "group_size", int, "N", "columns per range; -1 = per row")
+    g.add_argument(
+        "--skip-modules",
+        type=_csv,
+        metavar="NAMES",
+        help="comma-separated layer names or name suffixes kept in full precision (e.g. down_proj); "
+        "embeddings and lm_head are never quantized",
+    )
     g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
     g.add_argument("--sym", action="store_true", help="symmetric ranges (default: asymmetric)")
     setting(g, "min_bits", int, "N", "smallest column bitwidth (0 drops a column)")
@@ -290,7 +298,7 @@ def _base_model_id(model: str, explicit: str | None) -> str | None:
         return explicit
     if model.strip().lower() == DEFAULT_MODEL:
         return SMOLLM2_HUB_ID
-    if not Path(model).expanduser().exists() and model.count("/") == 1:
+    if not Path(model).expanduser().exists() and HUB_MODEL_ID.fullmatch(model):
         return model
     return None
 
@@ -319,25 +327,80 @@ def _result_dict(result: Any) -> dict[str, Any]:
     return asdict(result)
 
 
-def _preflight(source: str, config: Any, eval_seqlen: int | None) -> None:
-    """Check the settings against the model's shapes before anything slow runs.
+def _empty_model(source: str) -> tuple[Any, Any]:
+    """The model built on the meta device (no weights, no memory) and its config, or (None, None).
 
-    Builds the model on the meta device (no weights, no memory) and runs the quantization plan, which
-    rejects a group_size that does not divide a layer's input size or a modules_to_not_convert that
-    leaves nothing to quantize; also checks the window lengths against max_position_embeddings.
-    Architectures that cannot be built this way are simply not pre-checked.
+    Architectures that cannot be built this way are simply not pre-checked; the real load reports
+    real problems.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .calibration import plan_quantization
-
     try:
         model_config = AutoConfig.from_pretrained(source)
         with init_empty_weights():
-            empty = AutoModelForCausalLM.from_config(model_config)
-    except Exception as exc:  # the real load below reports real problems
+            return AutoModelForCausalLM.from_config(model_config), model_config
+    except Exception as exc:
         _log(f"(settings not pre-checked: {type(exc).__name__}: {exc})")
+        return None, None
+
+
+def _layer_inputs(empty: Any, skip: list[str]) -> dict[str, int]:
+    """Input size of every block layer that would be quantized (not matched by ``skip``)."""
+    from torch import nn
+
+    from .calibration import QUANTIZABLE, _excluded, find_blocks
+
+    blocks_name, blocks = find_blocks(empty)
+    sizes = {}
+    for i, block in enumerate(blocks):
+        for sub, module in block.named_modules():
+            name = f"{blocks_name}.{i}.{sub}"
+            if isinstance(module, QUANTIZABLE) and not _excluded(name, skip):
+                sizes[name] = module.weight.shape[1 if isinstance(module, nn.Linear) else 0]
+    return sizes
+
+
+def _check_group_size(empty: Any, group_size: int, skip: list[str]) -> None:
+    """--group-size must be -1 or divide every quantized layer's input size; suggest widths that do."""
+    import math
+
+    sizes = _layer_inputs(empty, skip)
+    if group_size == -1 or not sizes:
+        return
+    common = math.gcd(*sizes.values())
+    divisors = [w for w in range(1, common + 1) if common % w == 0]
+    widths = [w for w in divisors if w >= 16] or divisors
+    works = f"widths that divide every quantized layer of this model: {', '.join(map(str, widths))}"
+    if group_size < 1:
+        raise ValueError(
+            f"--group-size {group_size} is invalid: use -1 (one range per row) or one of the {works}"
+        )
+    bad = {name: n for name, n in sizes.items() if n % group_size}
+    if bad:
+        name, n = next(iter(bad.items()))
+        kinds = sorted({k.rsplit(".", 1)[-1] for k in bad})
+        more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+        skip_them = (  # only worth it for a few layers
+            f"; or keep those layers unquantized with --skip-modules {','.join(kinds)}"
+            if 2 * len(bad) < len(sizes)
+            else ""
+        )
+        raise ValueError(
+            f"--group-size {group_size} does not divide in_features={n} of {name}{more}; use -1 (one range "
+            f"per row) or one of the {works}{skip_them}"
+        )
+
+
+def _preflight(empty: Any, model_config: Any, config: Any, eval_seqlen: int | None) -> None:
+    """Check the settings against the model's shapes before anything slow runs.
+
+    Runs the quantization plan on the meta-device model, which rejects a modules_to_not_convert that
+    leaves nothing to quantize, and checks the window lengths against max_position_embeddings.
+    """
+    from .calibration import plan_quantization
+
+    if empty is None:
         return
     plan_quantization(empty, config)
     max_pos = getattr(model_config.get_text_config(), "max_position_embeddings", None)
@@ -354,7 +417,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import hub, models
+    from . import hub
     from .config import BaqConfig
     from .data import is_hub_id, resolve_eval_text
     from .eval import evaluate
@@ -375,6 +438,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     device = _device(args.device)
     for name in args.eval or []:
         resolve_eval_text(name)  # fail now, not after an hour of quantization
+    source = model_source(args.model)
+    empty, model_config = _empty_model(source)
+    skip = args.skip_modules or []
+    if empty is not None:
+        _check_group_size(empty, args.group_size, skip)
     # validates every setting before anything heavy is loaded
     config = BaqConfig(
         bits=args.bits,
@@ -395,10 +463,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         compare_uniform=args.compare_uniform,
         resume_dir=args.resume,
         keep_float32=args.keep_float32,
+        modules_to_not_convert=skip or None,
     )
     base_model = _base_model_id(args.model, args.base_model)
-    source = models.resolve_model(args.model)
-    _preflight(source, config, eval_seqlen if args.eval else None)
+    _preflight(empty, model_config, config, eval_seqlen if args.eval else None)
     _log(f"loading tokenizer from {source}")
     tokenizer = AutoTokenizer.from_pretrained(source)
     config.tokenizer = tokenizer
@@ -480,16 +548,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import models
     from .data import resolve_eval_text
     from .eval import evaluate
 
     for name in args.eval or []:
         resolve_eval_text(name)
     zeroshot_tasks = _check_zeroshot(args) if args.tasks else None
-    source = models.resolve_model(args.model)
-    if not Path(source).expanduser().exists() and args.model.count("/") != 1:
-        raise FileNotFoundError(f"{args.model!r} is neither a folder nor a Hub id (user/name)")
+    source = model_source(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(_device(args.device))
     if zeroshot_tasks is not None:
