@@ -102,8 +102,13 @@ def add_evaluation_flags(group: Any, quantize: bool) -> Any:
         "--eval-seqlen",
         type=_positive_int,
         metavar="N",
-        default=None if quantize else 2048,
-        help="tokens per evaluation window" + (" (default: --seqlen)" if quantize else ""),
+        help="tokens per evaluation window (default: "
+        + (
+            "--seqlen)"
+            if quantize
+            else "what quantize used for this model: its recorded evaluation windows, else its --seqlen; "
+            "2048 for a float model, or its max_position_embeddings when smaller)"
+        ),
     )
     if not quantize:
         group.add_argument("--max-windows", type=_positive_int, dest="eval_windows", help=argparse.SUPPRESS)
@@ -212,7 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
         "owner/name[:config][@split] (needs the datasets package); default: the C4 sample shipped with "
         "baq_hf",
     )
-    setting(c, "num_samples", _positive_int, "N", "calibration windows")
+    setting(
+        c,
+        "num_samples",
+        _positive_int,
+        "N",
+        "calibration windows; the defaults are the GPTQ/BAQ papers' protocol, which takes hours on a CPU "
+        "(quantize prints its expected time on this machine before it starts; try 16 x 512 first)",
+    )
     setting(c, "seqlen", _positive_int, "N", "tokens per calibration window")
     setting(c, "seed", int, "N", "seed of the calibration window sampling")
     add_evaluation_flags(q.add_argument_group("evaluation"), quantize=True)
@@ -345,27 +357,30 @@ def _empty_model(source: str) -> tuple[Any, Any]:
         return None, None
 
 
-def _layer_inputs(empty: Any, skip: list[str]) -> dict[str, int]:
-    """Input size of every block layer that would be quantized (not matched by ``skip``)."""
+def _block_layers(empty: Any, skip: list[str]) -> list[dict[str, tuple[int, int]]]:
+    """Per block, (in_features, out_features) of every layer that would be quantized (not in ``skip``)."""
     from torch import nn
 
     from .calibration import QUANTIZABLE, _excluded, find_blocks
 
     blocks_name, blocks = find_blocks(empty)
-    sizes = {}
+    out = []
     for i, block in enumerate(blocks):
+        shapes = {}
         for sub, module in block.named_modules():
             name = f"{blocks_name}.{i}.{sub}"
             if isinstance(module, QUANTIZABLE) and not _excluded(name, skip):
-                sizes[name] = module.weight.shape[1 if isinstance(module, nn.Linear) else 0]
-    return sizes
+                o, n = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]
+                shapes[name] = (n, o)
+        out.append(shapes)
+    return out
 
 
 def _check_group_size(empty: Any, group_size: int, skip: list[str]) -> None:
     """--group-size must be -1 or divide every quantized layer's input size; suggest widths that do."""
     import math
 
-    sizes = _layer_inputs(empty, skip)
+    sizes = {name: n for block in _block_layers(empty, skip) for name, (n, _) in block.items()}
     if group_size == -1 or not sizes:
         return
     common = math.gcd(*sizes.values())
@@ -389,6 +404,37 @@ def _check_group_size(empty: Any, group_size: int, skip: list[str]) -> None:
         raise ValueError(
             f"--group-size {group_size} does not divide in_features={n} of {name}{more}; use -1 (one range "
             f"per row) or one of the {works}{skip_them}"
+        )
+
+
+def _warn_if_slow(empty: Any, model_config: Any, config: Any, skip: list[str]) -> None:
+    """Print the expected quantization time here; warn, with settings for a first try, when it is long."""
+    from types import SimpleNamespace
+
+    from .calibration import compute_device
+    from .data import quick_test_sizes
+    from .estimate import SLOW_SECONDS, duration, estimate, quantization_flops
+
+    layers = [list(block.values()) for block in _block_layers(empty, skip)]
+    text = model_config.get_text_config()
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
+    params = sum(p.numel() for p in empty.parameters())
+    num_samples, seqlen = quick_test_sizes(config.num_samples, config.seqlen)
+    fields = ("true_sequential", "compare_uniform", "allocation", "clip_search", "budget")
+    settings = SimpleNamespace(
+        num_samples=num_samples, seqlen=seqlen, **{f: getattr(config, f) for f in fields}
+    )
+    device = compute_device(empty)  # meta weights: the GPU if there is one, else the CPU
+    guess = estimate(layers, params, hidden, settings, device)
+    _log(guess.text())
+    if guess.seconds > SLOW_SECONDS:
+        first_try = SimpleNamespace(
+            **{**vars(settings), "num_samples": min(16, num_samples), "seqlen": min(512, seqlen)}
+        )
+        quick = guess.seconds * quantization_flops(layers, params, hidden, first_try) / guess.flops
+        _log(
+            f"WARNING: --num-samples {num_samples} --seqlen {seqlen} is slow on {device}; for a first try "
+            f"use --num-samples {first_try.num_samples} --seqlen {first_try.seqlen} (about {duration(quick)})"
         )
 
 
@@ -467,6 +513,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     base_model = _base_model_id(args.model, args.base_model)
     _preflight(empty, model_config, config, eval_seqlen if args.eval else None)
+    if empty is not None:
+        _warn_if_slow(empty, model_config, config, skip)
     _log(f"loading tokenizer from {source}")
     tokenizer = AutoTokenizer.from_pretrained(source)
     config.tokenizer = tokenizer
@@ -559,11 +607,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(_device(args.device))
     if zeroshot_tasks is not None:
         return _eval_zeroshot(args, model, tokenizer, zeroshot_tasks)
+    seqlen = args.eval_seqlen or _default_eval_seqlen(source, model.config)
     results = evaluate(
         model,
         tokenizer,
         args.eval,
-        seqlen=args.eval_seqlen,
+        seqlen=seqlen,
         max_windows=args.eval_windows,
         progress=not args.no_progress,
     )
@@ -578,6 +627,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)])
         )
     return 0
+
+
+def _default_eval_seqlen(source: str, model_config: Any) -> int:
+    """The windows quantize evaluated this model with (or would have): the same numbers come out.
+
+    baq_report.json's recorded evaluation windows, else the calibration --seqlen (quantize's default
+    for --eval-seqlen), else 2048 (the GPTQ protocol), at most max_position_embeddings.
+    """
+    from .report import REPORT_FILE
+
+    report = Path(source) / REPORT_FILE
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+        recorded = (json.loads(report.read_text(encoding="utf-8")).get("eval_settings") or {}).get("seqlen")
+        if recorded:
+            _log(f"--eval-seqlen {recorded}: the windows recorded in {report}")
+            return int(recorded)
+    quant = getattr(model_config, "quantization_config", None)
+    seqlen = quant.get("seqlen") if isinstance(quant, dict) else getattr(quant, "seqlen", None)
+    if seqlen:
+        _log(f"--eval-seqlen {seqlen}: the --seqlen this model was quantized with")
+        return int(seqlen)
+    max_pos = getattr(model_config.get_text_config(), "max_position_embeddings", None) or 2048
+    return min(2048, max_pos)
 
 
 def _check_zeroshot(args: argparse.Namespace) -> list[str]:

@@ -153,9 +153,10 @@ class BaqHfQuantizer(HfQuantizer):
                 f"BaqConfig.seqlen={config.seqlen} exceeds the model's max_position_embeddings={max_pos}; "
                 f"use seqlen <= {max_pos}"
             )
-        nll_before = heldout_nll(model, heldout)
+        nll_before = heldout_nll(model, heldout, "float model")
         self.report = quantize_model(model, windows, config)
-        self.report["sanity"] = sanity_report(nll_before, heldout_nll(model, heldout), heldout)
+        nll_after = heldout_nll(model, heldout, "quantized model")
+        self.report["sanity"] = sanity_report(nll_before, nll_after, heldout)
         model.baq_report = self.report
         storage = unquantized_storage_dtype(model.dtype, config.keep_float32)
         if storage is not None:

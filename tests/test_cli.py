@@ -200,7 +200,23 @@ def test_quantize_and_eval_share_the_evaluation_flags(capsys):
     )
     assert vars(new) == vars(old)
     assert new.eval == ["wikitext2", "c4"] and new.eval_windows == 3 and new.eval_seqlen == 64
-    assert parser.parse_args(["eval", "d", "--eval", "ptb"]).eval_seqlen == 2048
+    assert parser.parse_args(["eval", "d", "--eval", "ptb"]).eval_seqlen is None  # see the next test
+
+
+def test_eval_defaults_to_the_windows_quantize_used(workspace, tmp_path, capsys):
+    """Recorded windows (32 here), else the quantization --seqlen, else 2048 capped by the model."""
+    argv = ["--eval", str(workspace["eval"]), "--eval-windows", "1", "--json", "--no-progress"]
+    assert cli.main(["eval", str(workspace["out"]), *argv]) == 0
+    assert json.loads(capsys.readouterr().out)[str(workspace["eval"])]["n_tokens"] == 31
+    bare = tmp_path / "bare"
+    shutil.copytree(workspace["out"], bare)
+    (bare / "baq_report.json").unlink()  # config.json still says seqlen 32
+    assert cli.main(["eval", str(bare), *argv]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[str(workspace["eval"])]["n_tokens"] == 31
+    assert "--seqlen this model was quantized with" in captured.err
+    assert cli.main(["eval", str(workspace["fp"]), *argv]) == 0  # float: 2048 > 128 positions
+    assert json.loads(capsys.readouterr().out)[str(workspace["eval"])]["n_tokens"] == 127
 
 
 def test_inspect_table_matches_the_loaded_layers(workspace, capsys):
@@ -208,6 +224,9 @@ def test_inspect_table_matches_the_loaded_layers(workspace, capsys):
     text = capsys.readouterr().out
     assert "model.layers.0.self_attn.q_proj" in text and "64x64" in text
     assert "mean code bits" in text and "effective bits" in text and "model.safetensors" in text
+    for column in ("Ratio_C", "Ratio_L", "Ratio_L(model)"):  # each shown column is explained
+        assert column in text.splitlines()[0] and f"{column} = " in text
+    assert "a:x b:y = against a-bit and b-bit uniform GPTQ" in text
 
     assert cli.main(["inspect", str(workspace["out"]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -246,7 +265,9 @@ def test_inspect_without_report_still_works(workspace, tmp_path, capsys):
     shutil.copytree(workspace["out"], bare)
     (bare / "baq_report.json").unlink()
     assert cli.main(["inspect", str(bare), "--plot", str(tmp_path / "plots")]) == 0
-    assert "--compare-uniform" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "--compare-uniform" in text
+    assert "Ratio" not in text.splitlines()[0]  # columns that would be "-" in every row are left out
     # no ratios without a report: the histograms only
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "bit_histogram.png",
@@ -366,6 +387,29 @@ def test_skip_modules_keeps_the_layers_a_group_width_does_not_divide(workspace, 
     model = AutoModelForCausalLM.from_pretrained(out)
     kinds = {n.rsplit(".", 1)[-1]: type(m) for n, m in model.named_modules() if "layers.0." in n}
     assert kinds["down_proj"] is torch.nn.Linear and kinds["up_proj"] is BaqLinear
+
+
+def test_slow_settings_are_announced_with_their_expected_time(workspace, monkeypatch, capsys):
+    """BaqConfig's defaults (128 windows of 2048 tokens) on a slow device: a warning and a first try."""
+    from baq_hf import BaqConfig, estimate
+
+    empty, model_config = cli._empty_model(str(workspace["fp"]))
+    layers = [list(b.values()) for b in cli._block_layers(empty, [])]
+    small = BaqConfig(num_samples=2, seqlen=32)
+    big = BaqConfig()
+    args = (sum(p.numel() for p in empty.parameters()), 64)
+    assert estimate.quantization_flops(layers, *args, big) > 100 * estimate.quantization_flops(
+        layers, *args, small
+    )
+    monkeypatch.setattr(estimate, "matmul_rate", lambda device, seconds=0.2: 1e9)
+    cli._warn_if_slow(empty, model_config, small, [])
+    err = capsys.readouterr().err
+    assert "expected quantization time on cpu: about" in err and "GFLOP/s measured now" in err
+    assert "WARNING" not in err
+    cli._warn_if_slow(empty, model_config, big, [])
+    err = capsys.readouterr().err
+    assert "WARNING: --num-samples 128 --seqlen 2048 is slow on cpu" in err
+    assert "for a first try use --num-samples 16 --seqlen 512 (about" in err
 
 
 def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
