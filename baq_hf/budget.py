@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import allocation as alloc
-from .gptq import SolverSpec, prepare, rounding_errors
+from .gptq import prepare, rounding_errors
+from .specs import WEIGHTINGS, SolverSpec
 
-WEIGHTINGS = ("fisher", "relative")
 FORMAT_VERSION = 1
 
 
@@ -39,7 +39,7 @@ def measure_layer(
     w: torch.Tensor, h: torch.Tensor, spec: SolverSpec, name: str = ""
 ) -> tuple[torch.Tensor, float]:
     """The error table and output energy of one float layer (out x in weight, its Hessian)."""
-    prep = prepare(w, h, spec.damp_percent, spec.act_order, name)
+    prep = prepare(w, h, spec, name)
     errors = rounding_errors(prep, spec.group_size, spec.sym, spec.min_bits, spec.max_bits)
     energy = float(((prep.w @ prep.h) * prep.w).sum())
     return errors, energy

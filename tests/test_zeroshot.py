@@ -12,11 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import lm_eval
 import pytest
 import torch
-from lm_eval import simple_evaluate
-from lm_eval.tasks import TaskManager
 from transformers import AutoModelForCausalLM
 
 from baq_hf import BaqConfig, BaqLinear, cli, data
@@ -30,6 +27,10 @@ from baq_hf.zeroshot import (
 
 from .conftest import SHARED_DATA, calibration_ids, tiny_model
 from .test_cli import make_tokenizer
+
+lm_eval = pytest.importorskip("lm_eval", reason="the zeroshot extra is absent: pip install -e '.[zeroshot]'")
+simple_evaluate = lm_eval.simple_evaluate
+TaskManager = pytest.importorskip("lm_eval.tasks").TaskManager
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
