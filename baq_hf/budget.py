@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import allocation as alloc
+from .filemode import save_file
 from .gptq import prepare, rounding_errors
 from .specs import WEIGHTINGS, SolverSpec
 
@@ -76,7 +77,7 @@ def save(path: str | Path, measurements: dict[str, LayerMeasurement], settings: 
     tensors = {f"{n}.errors": m.errors.contiguous() for n, m in measurements.items()}
     scalars = {n: [m.rows, m.output_energy, m.gradient_energy] for n, m in measurements.items()}
     meta = {"version": str(FORMAT_VERSION), "settings": json.dumps(settings), "layers": json.dumps(scalars)}
-    save_file(tensors, str(path), metadata=meta)
+    save_file(tensors, path, metadata=meta)
 
 
 def load(path: str | Path, settings: dict) -> dict[str, LayerMeasurement]:

@@ -16,21 +16,24 @@ the next block would have received.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from .filemode import fix_safetensors_modes, save_file
 from .format import read_safetensors_header
 from .linear import FIXED_DTYPE_BUFFERS, BaqLinear
 
@@ -42,8 +45,12 @@ logger = logging.getLogger(__name__)
 INCOMPLETE_MARKER = ".baq_incomplete"
 STATE_FILE = "baq_resume.json"
 STATE_VERSION = 1
-# files a run writes into resume_dir (a run killed before its first state file leaves only these)
-_OWN_FILE = re.compile(r"(block|hidden)_\d{5}\.safetensors(\.tmp)?|baq_resume\.json\.tmp")
+# files a run writes into resume_dir (a run killed before its first state file leaves only these);
+# ".tmpXXXXXX" is the temporary file safetensors (>= 0.6) writes and renames
+_OWN_FILE = re.compile(r"(block|hidden)_\d{5}\.safetensors(\.tmp)?|baq_resume\.json\.tmp|\.tmp\w{6}")
+_TEMP_FILE = re.compile(r".*\.tmp|\.tmp\w{6}")
+# a save's temporary and set-aside folders: .<name>.incomplete-<host>-<pid>-<id>, .<name>.old-<same>
+_SAVE_SIBLING = re.compile(r"\.(?P<name>.+)\.(incomplete|old)-(?P<host>[\w-]*)-(?P<pid>\d+)-[0-9a-f]{8}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,7 +89,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), {"format": "pt"})
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, {"format": "pt"})
     _replace_atomically(tmp, path)
 
 
@@ -150,6 +157,94 @@ def storage_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.
 # atomic save
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _host() -> str:
+    return re.sub(r"[^\w]", "_", socket.gethostname())[:40]
+
+
+def _remove_stale_saves(out: Path) -> None:
+    """Clean up after saves to ``out`` killed on this host: delete their temporary folders, put back a
+    previous folder set aside just before the kill (else delete it)."""
+    for path in sorted(out.parent.iterdir()):
+        m = _SAVE_SIBLING.fullmatch(path.name)
+        if m and m["name"] == out.name and m["host"] == _host() and not _pid_alive(int(m["pid"])):
+            if ".old-" in path.name and not out.exists():  # killed between its two renames: put it back
+                logger.info("restoring %s, set aside by a save that was killed", out)
+                os.rename(path, out)
+            else:
+                logger.info("removing %s, left by a save that was killed", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _filesystem(mount: Path) -> str:
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[1] == str(mount):
+                    return fields[2]
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also as raised by safetensors' and tokenizers' Rust writers (plain messages)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+
+
+def _estimated_weight_bytes(model: nn.Module, save_kwargs: dict[str, Any]) -> int:
+    """Bytes of the tensors ``save_pretrained`` will write: shared tensors once, wide float tensors at
+    the quantizer's storage dtype (bfloat16 unless keep_float32). Copies nothing."""
+    state = save_kwargs.get("state_dict")
+    storage = None
+    if state is None:
+        state = model.state_dict()
+        config = getattr(getattr(model, "config", None), "quantization_config", None)
+        keep = (
+            config.get("keep_float32") if isinstance(config, dict) else getattr(config, "keep_float32", False)
+        )
+        dtype = getattr(model, "dtype", None)
+        if isinstance(dtype, torch.dtype):
+            storage = unquantized_storage_dtype(dtype, bool(keep))
+    wide = set(_unquantized_float_tensors(model)) if storage is not None else set()
+    sizes: dict[tuple[int, int], int] = {}
+    for key, t in state.items():
+        itemsize = storage.itemsize if key in wide else t.element_size()
+        sizes[(t.data_ptr(), t.numel()) if t.data_ptr() else (id(t), 0)] = t.numel() * itemsize
+    return sum(sizes.values())
+
+
+def _disk_full_error(out: Path, needed: int, free: int) -> OSError:
+    mount = _mount_point(out.parent)
+    mib = 1 << 20
+    return OSError(
+        errno.ENOSPC,
+        f"No space left on the disk holding {out} (mounted at {mount}, {_filesystem(mount)}): the save "
+        f"needs about {needed / mib:.1f} MiB (weights and tokenizer) and {free / mib:.1f} MiB were free when "
+        "it started; free up space or save to another folder (no partial folder was left)",
+    )
+
+
 def _check_extra_name(name: str) -> None:
     p = Path(name)
     if not name or p.is_absolute() or ".." in p.parts or len(p.parts) != 1 or name == INCOMPLETE_MARKER:
@@ -195,7 +290,12 @@ def save_quantized(
             _check_extra_name(name)
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
+    _remove_stale_saves(out)
+    needed = _estimated_weight_bytes(model, save_kwargs) + _tokenizer_bytes(tokenizer)
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise _disk_full_error(out, needed, free)
+    tag = f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = parent / f".{out.name}.incomplete-{tag}"
     tmp.mkdir()
     try:
@@ -204,6 +304,7 @@ def save_quantized(
             encoding="utf-8",
         )
         model.save_pretrained(tmp, **save_kwargs)
+        fix_safetensors_modes(tmp)  # 0600 from safetensors >= 0.8, 0644 like the rest of the folder
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         extra = extra_files(tmp) if callable(extra_files) else extra_files or {}
@@ -229,10 +330,22 @@ def save_quantized(
         else:
             os.rename(tmp, out)
             _fsync_dir(parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(exc):
+            raise _disk_full_error(out, needed, free) from exc
         raise
     return out
+
+
+def _tokenizer_bytes(tokenizer: Any) -> int:
+    """Size of the tokenizer's files in the folder it was loaded from (0 when unknown)."""
+    source = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if tokenizer is None or not source.is_dir():
+        return 0
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+             "special_tokens_map.json", "chat_template.jinja")  # fmt: skip
+    return sum((source / n).stat().st_size for n in names if (source / n).is_file())
 
 
 def check_complete_folder(folder: str | os.PathLike) -> None:
@@ -285,6 +398,13 @@ def fingerprint_parts(
     return json.loads(json.dumps(parts))  # as it reads back from the JSON file (tuples become lists)
 
 
+def _remove_temp_files(folder: Path) -> None:
+    """Half-written state files of a killed run (they can be as large as the hidden states)."""
+    for p in folder.iterdir():
+        if _TEMP_FILE.fullmatch(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
 def _digest(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -321,6 +441,7 @@ class ResumeState:
                     f"({', '.join(foreign[:5])}); give an empty or new folder"
                 )
             path.mkdir(parents=True, exist_ok=True)
+            _remove_temp_files(path)
             return cls(path, parts, 0, {})
         try:
             state = json.loads(state_path.read_text(encoding="utf-8"))
@@ -344,6 +465,7 @@ class ResumeState:
                 f"BaqConfig.resume_dir={str(folder)!r}: {STATE_FILE} claims {blocks_done} finished blocks of "
                 f"{len(plan.layers)}; clear the folder or use another resume_dir"
             )
+        _remove_temp_files(path)
         logger.info("resuming quantization from %s after %d finished blocks", path, blocks_done)
         return cls(path, parts, blocks_done, layers)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from .data import EVAL_SETS
 from .models import DEFAULT_MODEL
+from .sources import HUB_MODEL_ID, model_source
 
 # Errors that mean "the input or the setup is wrong", reported as one line. Anything else is a bug
 # and keeps its traceback. BAQ_HF_DEBUG=1 shows tracebacks for handled errors too.
@@ -101,8 +102,13 @@ def add_evaluation_flags(group: Any, quantize: bool) -> Any:
         "--eval-seqlen",
         type=_positive_int,
         metavar="N",
-        default=None if quantize else 2048,
-        help="tokens per evaluation window" + (" (default: --seqlen)" if quantize else ""),
+        help="tokens per evaluation window (default: "
+        + (
+            "--seqlen)"
+            if quantize
+            else "what quantize used for this model: its recorded evaluation windows, else its --seqlen; "
+            "2048 for a float model, or its max_position_embeddings when smaller)"
+        ),
     )
     if not quantize:
         group.add_argument("--max-windows", type=_positive_int, dest="eval_windows", help=argparse.SUPPRESS)
@@ -179,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --budget model: how a layer's output error is priced (fisher: squared gradients)",
     )
     setting(g, "group_size", int, "N", "columns per range; -1 = per row")
+    g.add_argument(
+        "--skip-modules",
+        type=_csv,
+        metavar="NAMES",
+        help="comma-separated layer names or name suffixes kept in full precision (e.g. down_proj); "
+        "embeddings and lm_head are never quantized",
+    )
     g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
     g.add_argument("--sym", action="store_true", help="symmetric ranges (default: asymmetric)")
     setting(g, "min_bits", int, "N", "smallest column bitwidth (0 drops a column)")
@@ -203,7 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
         "owner/name[:config][@split] (needs the datasets package); default: the C4 sample shipped with "
         "baq_hf",
     )
-    setting(c, "num_samples", _positive_int, "N", "calibration windows")
+    setting(
+        c,
+        "num_samples",
+        _positive_int,
+        "N",
+        "calibration windows; the defaults are the GPTQ/BAQ papers' protocol, which takes hours on a CPU "
+        "(quantize prints its expected time on this machine before it starts; try 16 x 512 first)",
+    )
     setting(c, "seqlen", _positive_int, "N", "tokens per calibration window")
     setting(c, "seed", int, "N", "seed of the calibration window sampling")
     add_evaluation_flags(q.add_argument_group("evaluation"), quantize=True)
@@ -289,7 +309,7 @@ def _base_model_id(model: str, explicit: str | None) -> str | None:
         return explicit
     if model.strip().lower() == DEFAULT_MODEL:
         return SMOLLM2_HUB_ID
-    if not Path(model).expanduser().exists() and model.count("/") == 1:
+    if not Path(model).expanduser().exists() and HUB_MODEL_ID.fullmatch(model):
         return model
     return None
 
@@ -318,25 +338,114 @@ def _result_dict(result: Any) -> dict[str, Any]:
     return asdict(result)
 
 
-def _preflight(source: str, config: Any, eval_seqlen: int | None) -> None:
-    """Check the settings against the model's shapes before anything slow runs.
+def _empty_model(source: str) -> tuple[Any, Any]:
+    """The model built on the meta device (no weights, no memory) and its config, or (None, None).
 
-    Builds the model on the meta device (no weights, no memory) and runs the quantization plan, which
-    rejects a group_size that does not divide a layer's input size or a modules_to_not_convert that
-    leaves nothing to quantize; also checks the window lengths against max_position_embeddings.
-    Architectures that cannot be built this way are simply not pre-checked.
+    Architectures that cannot be built this way are simply not pre-checked; the real load reports
+    real problems.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .calibration import plan_quantization
-
     try:
         model_config = AutoConfig.from_pretrained(source)
         with init_empty_weights():
-            empty = AutoModelForCausalLM.from_config(model_config)
-    except Exception as exc:  # the real load below reports real problems
+            return AutoModelForCausalLM.from_config(model_config), model_config
+    except Exception as exc:
         _log(f"(settings not pre-checked: {type(exc).__name__}: {exc})")
+        return None, None
+
+
+def _block_layers(empty: Any, skip: list[str]) -> list[dict[str, tuple[int, int]]]:
+    """Per block, (in_features, out_features) of every layer that would be quantized (not in ``skip``)."""
+    from torch import nn
+
+    from .calibration import QUANTIZABLE, _excluded, find_blocks
+
+    blocks_name, blocks = find_blocks(empty)
+    out = []
+    for i, block in enumerate(blocks):
+        shapes = {}
+        for sub, module in block.named_modules():
+            name = f"{blocks_name}.{i}.{sub}"
+            if isinstance(module, QUANTIZABLE) and not _excluded(name, skip):
+                o, n = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]
+                shapes[name] = (n, o)
+        out.append(shapes)
+    return out
+
+
+def _check_group_size(empty: Any, group_size: int, skip: list[str]) -> None:
+    """--group-size must be -1 or divide every quantized layer's input size; suggest widths that do."""
+    import math
+
+    sizes = {name: n for block in _block_layers(empty, skip) for name, (n, _) in block.items()}
+    if group_size == -1 or not sizes:
+        return
+    common = math.gcd(*sizes.values())
+    divisors = [w for w in range(1, common + 1) if common % w == 0]
+    widths = [w for w in divisors if w >= 16] or divisors
+    works = f"widths that divide every quantized layer of this model: {', '.join(map(str, widths))}"
+    if group_size < 1:
+        raise ValueError(
+            f"--group-size {group_size} is invalid: use -1 (one range per row) or one of the {works}"
+        )
+    bad = {name: n for name, n in sizes.items() if n % group_size}
+    if bad:
+        name, n = next(iter(bad.items()))
+        kinds = sorted({k.rsplit(".", 1)[-1] for k in bad})
+        more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+        skip_them = (  # only worth it for a few layers
+            f"; or keep those layers unquantized with --skip-modules {','.join(kinds)}"
+            if 2 * len(bad) < len(sizes)
+            else ""
+        )
+        raise ValueError(
+            f"--group-size {group_size} does not divide in_features={n} of {name}{more}; use -1 (one range "
+            f"per row) or one of the {works}{skip_them}"
+        )
+
+
+def _warn_if_slow(empty: Any, model_config: Any, config: Any, skip: list[str]) -> None:
+    """Print the expected quantization time here; warn, with settings for a first try, when it is long."""
+    from types import SimpleNamespace
+
+    from .calibration import compute_device
+    from .data import quick_test_sizes
+    from .estimate import SLOW_SECONDS, duration, estimate, quantization_flops
+
+    layers = [list(block.values()) for block in _block_layers(empty, skip)]
+    text = model_config.get_text_config()
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
+    params = sum(p.numel() for p in empty.parameters())
+    num_samples, seqlen = quick_test_sizes(config.num_samples, config.seqlen)
+    fields = ("true_sequential", "compare_uniform", "allocation", "clip_search", "budget")
+    settings = SimpleNamespace(
+        num_samples=num_samples, seqlen=seqlen, **{f: getattr(config, f) for f in fields}
+    )
+    device = compute_device(empty)  # meta weights: the GPU if there is one, else the CPU
+    guess = estimate(layers, params, hidden, settings, device)
+    _log(guess.text())
+    if guess.seconds > SLOW_SECONDS:
+        first_try = SimpleNamespace(
+            **{**vars(settings), "num_samples": min(16, num_samples), "seqlen": min(512, seqlen)}
+        )
+        quick = guess.seconds * quantization_flops(layers, params, hidden, first_try) / guess.flops
+        _log(
+            f"WARNING: --num-samples {num_samples} --seqlen {seqlen} is slow on {device}; for a first try "
+            f"use --num-samples {first_try.num_samples} --seqlen {first_try.seqlen} (about {duration(quick)})"
+        )
+
+
+def _preflight(empty: Any, model_config: Any, config: Any, eval_seqlen: int | None) -> None:
+    """Check the settings against the model's shapes before anything slow runs.
+
+    Runs the quantization plan on the meta-device model, which rejects a modules_to_not_convert that
+    leaves nothing to quantize, and checks the window lengths against max_position_embeddings.
+    """
+    from .calibration import plan_quantization
+
+    if empty is None:
         return
     plan_quantization(empty, config)
     max_pos = getattr(model_config.get_text_config(), "max_position_embeddings", None)
@@ -353,7 +462,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import hub, models
+    from . import hub
     from .config import BaqConfig
     from .data import is_hub_id, resolve_eval_text
     from .eval import evaluate
@@ -374,6 +483,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     device = _device(args.device)
     for name in args.eval or []:
         resolve_eval_text(name)  # fail now, not after an hour of quantization
+    source = model_source(args.model)
+    empty, model_config = _empty_model(source)
+    skip = args.skip_modules or []
+    if empty is not None:
+        _check_group_size(empty, args.group_size, skip)
     # validates every setting before anything heavy is loaded
     config = BaqConfig(
         bits=args.bits,
@@ -394,10 +508,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         compare_uniform=args.compare_uniform,
         resume_dir=args.resume,
         keep_float32=args.keep_float32,
+        modules_to_not_convert=skip or None,
     )
     base_model = _base_model_id(args.model, args.base_model)
-    source = models.resolve_model(args.model)
-    _preflight(source, config, eval_seqlen if args.eval else None)
+    _preflight(empty, model_config, config, eval_seqlen if args.eval else None)
+    if empty is not None:
+        _warn_if_slow(empty, model_config, config, skip)
     _log(f"loading tokenizer from {source}")
     tokenizer = AutoTokenizer.from_pretrained(source)
     config.tokenizer = tokenizer
@@ -479,25 +595,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import models
     from .data import resolve_eval_text
     from .eval import evaluate
 
     for name in args.eval or []:
         resolve_eval_text(name)
     zeroshot_tasks = _check_zeroshot(args) if args.tasks else None
-    source = models.resolve_model(args.model)
-    if not Path(source).expanduser().exists() and args.model.count("/") != 1:
-        raise FileNotFoundError(f"{args.model!r} is neither a folder nor a Hub id (user/name)")
+    source = model_source(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(_device(args.device))
     if zeroshot_tasks is not None:
         return _eval_zeroshot(args, model, tokenizer, zeroshot_tasks)
+    seqlen = args.eval_seqlen or _default_eval_seqlen(source, model.config)
     results = evaluate(
         model,
         tokenizer,
         args.eval,
-        seqlen=args.eval_seqlen,
+        seqlen=seqlen,
         max_windows=args.eval_windows,
         progress=not args.no_progress,
     )
@@ -512,6 +626,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)])
         )
     return 0
+
+
+def _default_eval_seqlen(source: str, model_config: Any) -> int:
+    """The windows quantize evaluated this model with (or would have): the same numbers come out.
+
+    baq_report.json's recorded evaluation windows, else the calibration --seqlen (quantize's default
+    for --eval-seqlen), else 2048 (the GPTQ protocol), at most max_position_embeddings.
+    """
+    from .report import REPORT_FILE
+
+    report = Path(source) / REPORT_FILE
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+        recorded = (json.loads(report.read_text(encoding="utf-8")).get("eval_settings") or {}).get("seqlen")
+        if recorded:
+            _log(f"--eval-seqlen {recorded}: the windows recorded in {report}")
+            return int(recorded)
+    quant = getattr(model_config, "quantization_config", None)
+    seqlen = quant.get("seqlen") if isinstance(quant, dict) else getattr(quant, "seqlen", None)
+    if seqlen:
+        _log(f"--eval-seqlen {seqlen}: the --seqlen this model was quantized with")
+        return int(seqlen)
+    max_pos = getattr(model_config.get_text_config(), "max_position_embeddings", None) or 2048
+    return min(2048, max_pos)
 
 
 def _check_zeroshot(args: argparse.Namespace) -> list[str]:

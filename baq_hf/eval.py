@@ -98,6 +98,7 @@ def windows_nll(
     windows: torch.Tensor,
     device: torch.device | str | None = None,
     progress: bool = False,
+    desc: str | None = None,
 ) -> float:
     """Mean token NLL (nats) of ``model`` over token windows ``[n, seqlen]``, each scored on its own.
 
@@ -112,7 +113,7 @@ def windows_nll(
     total = torch.zeros((), dtype=torch.float64)
     try:
         with torch.inference_mode():
-            for index in tqdm(range(n_windows), desc=f"ppl seqlen={seqlen}", disable=not progress):
+            for index in tqdm(range(n_windows), desc=desc or f"ppl seqlen={seqlen}", disable=not progress):
                 window = windows[index : index + 1].to(target_device)
                 logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
                 if not torch.isfinite(logits).all():

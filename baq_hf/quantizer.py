@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from .checkpoint import (
     unquantized_storage_dtype,
 )
 from .config import BaqConfig
+from .filemode import fix_safetensors_modes
 from .linear import BaqLinear, prepare_kernel_layouts
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,19 @@ def read_checkpoint_layout(checkpoint_files: list[str] | None) -> dict[str, dict
         check_complete_folder(os.path.dirname(path))
         tensors.update(fmt.read_safetensors_header(path))
     return fmt.packed_layers(tensors)
+
+
+def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+    """The model class's ``save_pretrained``, then its safetensors files made readable like the rest.
+
+    Bound to each BAQ model (the instance, not the class: transformers is left as it is) because
+    safetensors >= 0.8 writes them 0600 (see :mod:`baq_hf.filemode`). Named like the method so that a
+    pickled model (which pickles a bound method as getattr(model, its name)) loads again.
+    """
+    out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if os.path.isdir(save_directory):
+        fix_safetensors_modes(save_directory)
+    return out
 
 
 def _module_for_key(model: nn.Module, key: str) -> tuple[str, nn.Module] | None:
@@ -99,6 +114,7 @@ class BaqHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        model.save_pretrained = types.MethodType(save_pretrained, model)
         if self.pre_quantized:
             for name, module in model.named_modules():
                 if isinstance(module, BaqLinear):
@@ -137,9 +153,10 @@ class BaqHfQuantizer(HfQuantizer):
                 f"BaqConfig.seqlen={config.seqlen} exceeds the model's max_position_embeddings={max_pos}; "
                 f"use seqlen <= {max_pos}"
             )
-        nll_before = heldout_nll(model, heldout)
+        nll_before = heldout_nll(model, heldout, "float model")
         self.report = calibration.quantize_model(model, windows, config)
-        self.report["sanity"] = sanity_report(nll_before, heldout_nll(model, heldout), heldout)
+        nll_after = heldout_nll(model, heldout, "quantized model")
+        self.report["sanity"] = sanity_report(nll_before, nll_after, heldout)
         model.baq_report = self.report
         storage = unquantized_storage_dtype(model.dtype, config.keep_float32)
         if storage is not None:

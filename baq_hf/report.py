@@ -349,6 +349,14 @@ def human_bytes(n: int) -> str:
     return f"{size:.2f} GiB"
 
 
+# what each ratio column means, printed under the table (columns that are "-" in every row are left out)
+RATIO_LEGEND = {
+    "Ratio_C": "Ratio_C = GM(C)/AM(C) of the column sensitivities (paper eq. 9); below 1 per-column bits pay",
+    "Ratio_L": "Ratio_L = BAQ loss / uniform GPTQ loss at the same storage, measured (--compare-uniform)",
+    "Ratio_L(model)": "Ratio_L(model) = that ratio as the sensitivity model sum_j C_j 2^(-2 R_j) predicts it",
+}
+
+
 def format_table(summary: CheckpointSummary) -> str:
     """The per-layer table and the totals, as ``baq-hf inspect`` prints them."""
     header = [
@@ -374,8 +382,12 @@ def format_table(summary: CheckpointSummary) -> str:
         ]
         for layer in summary.layers
     ]
+    ratios = {"Ratio_C", "Ratio_L", "Ratio_L(model)"}
+    shown = [i for i, name in enumerate(header) if name not in ratios or any(r[i] != "-" for r in rows)]
+    numeric = {j for j, i in enumerate(shown) if header[i] not in ("layer", "out x in", "histogram")}
+    header = [header[i] for i in shown]
+    rows = [[r[i] for i in shown] for r in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    numeric = {2, 3, 4, 5, 6}
 
     def line(cells: list[str]) -> str:
         return "  ".join(
@@ -385,6 +397,9 @@ def format_table(summary: CheckpointSummary) -> str:
 
     out = [line(header), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
+    out += [f"  {text}" for name, text in RATIO_LEGEND.items() if name in header]
+    if any(layer.ratio_l_vs or layer.ratio_l_model_vs for layer in summary.layers):
+        out.append("  a:x b:y = against a-bit and b-bit uniform GPTQ (the target lies between them)")
     out.append("")
     out.append(f"BaqLinear layers:     {len(summary.layers)} ({summary.n_weights:,} quantized weights)")
     out.append(

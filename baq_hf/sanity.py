@@ -28,12 +28,15 @@ SANITY_SEQLEN = 512  # at most; never longer than the calibration windows
 FAILED_RATIO = 10.0
 
 
-def heldout_nll(model: nn.Module, windows: torch.Tensor) -> float | None:
-    """Mean token NLL of ``model`` over the held-out windows; None without windows or with NaN/inf logits."""
+def heldout_nll(model: nn.Module, windows: torch.Tensor, which: str = "") -> float | None:
+    """Mean token NLL of ``model`` over the held-out windows; None without windows or with NaN/inf logits.
+
+    Shows a progress bar named after ``which`` model: on a CPU the quantized model's passes take minutes.
+    """
     if windows.shape[0] == 0:
         return None
     try:
-        return windows_nll(model, windows)
+        return windows_nll(model, windows, progress=True, desc=f"sanity check, {which or 'model'}")
     except FloatingPointError:
         return None
 

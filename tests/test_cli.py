@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ import torch
 from huggingface_hub import HfApi
 from transformers import AutoModelForCausalLM
 
-from baq_hf import BaqLinear, cli, data
+from baq_hf import BaqLinear, cli, data, sources
 from baq_hf.report import size_on_disk
 
 from .conftest import VOCAB, tiny_model
@@ -112,6 +113,12 @@ def test_quantize_writes_a_complete_folder(workspace, capsys):
     assert all(abs(layer.code_bits - 2.5) < 1 / layer.in_features for layer in layers)
 
 
+def test_saved_files_share_one_mode(workspace):
+    """model.safetensors is readable like config.json (safetensors >= 0.8 alone would leave it 0600)."""
+    modes = {p.name: p.stat().st_mode & 0o777 for p in workspace["out"].iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes
+
+
 def test_quantize_prints_bits_size_and_both_perplexities(workspace):
     """What a user reads at the end of a run: both perplexities, the bits, the size next to 16 bits."""
     out = workspace["stdout"]
@@ -193,7 +200,23 @@ def test_quantize_and_eval_share_the_evaluation_flags(capsys):
     )
     assert vars(new) == vars(old)
     assert new.eval == ["wikitext2", "c4"] and new.eval_windows == 3 and new.eval_seqlen == 64
-    assert parser.parse_args(["eval", "d", "--eval", "ptb"]).eval_seqlen == 2048
+    assert parser.parse_args(["eval", "d", "--eval", "ptb"]).eval_seqlen is None  # see the next test
+
+
+def test_eval_defaults_to_the_windows_quantize_used(workspace, tmp_path, capsys):
+    """Recorded windows (32 here), else the quantization --seqlen, else 2048 capped by the model."""
+    argv = ["--eval", str(workspace["eval"]), "--eval-windows", "1", "--json", "--no-progress"]
+    assert cli.main(["eval", str(workspace["out"]), *argv]) == 0
+    assert json.loads(capsys.readouterr().out)[str(workspace["eval"])]["n_tokens"] == 31
+    bare = tmp_path / "bare"
+    shutil.copytree(workspace["out"], bare)
+    (bare / "baq_report.json").unlink()  # config.json still says seqlen 32
+    assert cli.main(["eval", str(bare), *argv]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[str(workspace["eval"])]["n_tokens"] == 31
+    assert "--seqlen this model was quantized with" in captured.err
+    assert cli.main(["eval", str(workspace["fp"]), *argv]) == 0  # float: 2048 > 128 positions
+    assert json.loads(capsys.readouterr().out)[str(workspace["eval"])]["n_tokens"] == 127
 
 
 def test_inspect_table_matches_the_loaded_layers(workspace, capsys):
@@ -201,6 +224,9 @@ def test_inspect_table_matches_the_loaded_layers(workspace, capsys):
     text = capsys.readouterr().out
     assert "model.layers.0.self_attn.q_proj" in text and "64x64" in text
     assert "mean code bits" in text and "effective bits" in text and "model.safetensors" in text
+    for column in ("Ratio_C", "Ratio_L", "Ratio_L(model)"):  # each shown column is explained
+        assert column in text.splitlines()[0] and f"{column} = " in text
+    assert "a:x b:y = against a-bit and b-bit uniform GPTQ" in text
 
     assert cli.main(["inspect", str(workspace["out"]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -239,7 +265,9 @@ def test_inspect_without_report_still_works(workspace, tmp_path, capsys):
     shutil.copytree(workspace["out"], bare)
     (bare / "baq_report.json").unlink()
     assert cli.main(["inspect", str(bare), "--plot", str(tmp_path / "plots")]) == 0
-    assert "--compare-uniform" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "--compare-uniform" in text
+    assert "Ratio" not in text.splitlines()[0]  # columns that would be "-" in every row are left out
     # no ratios without a report: the histograms only
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "bit_histogram.png",
@@ -273,6 +301,8 @@ def test_usage_errors_exit_2(argv, capsys):
         (["quantize", "{fp}", "--eval", "nosuchset", "--out", "{tmp}/o"], "nosuchset"),
         (["quantize", "{fp}", "--out", "{fp}"], "not empty"),
         (["quantize", "{fp}", "--group-size", "48", "--out", "{tmp}/o"], "does not divide in_features=64"),
+        (["quantize", "{fp}", "--group-size", "0", "--out", "{tmp}/o"], "layer of this model: 16, 32"),
+        (["quantize", "{fp}", "--group-size", "64", "--out", "{tmp}/o"], "--skip-modules down_proj"),
         (["quantize", "{fp}", "--seqlen", "256", "--out", "{tmp}/o"], "max_position_embeddings=128"),
         (
             [
@@ -292,6 +322,8 @@ def test_usage_errors_exit_2(argv, capsys):
         (["inspect", "{tmp}/nothing"], "is not a folder"),
         (["inspect", "{fp}"], "no BaqLinear layer"),
         (["eval", "{tmp}/nothing", "--eval", "{calib}"], "neither a folder nor a Hub id"),
+        (["quantize", "./no/such/model", "--out", "{tmp}/o"], "neither a folder nor a Hub id"),
+        (["quantize", "{calib}", "--out", "{tmp}/o"], "is a file; give the model's folder"),
     ],
 )
 def test_handled_errors_exit_1_without_traceback(workspace, tmp_path, capsys, argv, message):
@@ -300,6 +332,84 @@ def test_handled_errors_exit_1_without_traceback(workspace, tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert err.startswith("error: ") or "\nerror: " in err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+@pytest.mark.parametrize("offline", [True, False])
+def test_an_unreachable_hub_id_fails_at_once(monkeypatch, tmp_path, capsys, command, offline):
+    """Not in the cache and no Hub: one clear line in about a second, not 1.5 minutes of retries."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
+    for proxy in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    extra = ["--out", str(tmp_path / "o")] if command == "quantize" else ["--eval", "wikitext2"]
+    start = time.perf_counter()
+    assert cli.main([command, "someone/no-such-model", *extra]) == 1
+    assert time.perf_counter() - start < 10
+    err = capsys.readouterr().err
+    assert "'someone/no-such-model' is not in the local Hub cache" in err and "hf download" in err
+    assert ("HF_HUB_OFFLINE is set" if offline else "127.0.0.1:9 cannot be reached") in err
+
+
+def test_a_cached_hub_id_loads_from_the_cache_when_offline(workspace, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    shutil.copytree(workspace["fp"], repo / "snapshots" / "abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert sources.model_source("someone/tiny") == str(repo / "snapshots" / "abc123")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    assert sources.model_source("someone/tiny") == str(repo / "snapshots" / "abc123")
+
+
+def test_skip_modules_keeps_the_layers_a_group_width_does_not_divide(workspace, tmp_path, capsys):
+    """The suggestion of the error works: with groups of 32, down_proj (80 inputs) stays in full precision."""
+    fp = tmp_path / "fp"
+    tiny_model("llama", intermediate_size=80).save_pretrained(fp)
+    make_tokenizer().save_pretrained(fp)
+    out = tmp_path / "o"
+    assert cli.main(["quantize", str(fp), "--group-size", "32", "--out", str(out)]) == 1
+    argv = [
+        "quantize", str(fp), "--group-size", "32", "--skip-modules", "down_proj", "--bits", "3",
+        "--dataset", str(workspace["calib"]), "--num-samples", "2", "--seqlen", "32", "--out", str(out),
+        "--no-progress",
+    ]  # fmt: skip
+    assert "--skip-modules down_proj" in capsys.readouterr().err
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(argv) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    kinds = {n.rsplit(".", 1)[-1]: type(m) for n, m in model.named_modules() if "layers.0." in n}
+    assert kinds["down_proj"] is torch.nn.Linear and kinds["up_proj"] is BaqLinear
+
+
+def test_slow_settings_are_announced_with_their_expected_time(workspace, monkeypatch, capsys):
+    """BaqConfig's defaults (128 windows of 2048 tokens) on a slow device: a warning and a first try."""
+    from baq_hf import BaqConfig, estimate
+
+    empty, model_config = cli._empty_model(str(workspace["fp"]))
+    layers = [list(b.values()) for b in cli._block_layers(empty, [])]
+    small = BaqConfig(num_samples=2, seqlen=32)
+    big = BaqConfig()
+    args = (sum(p.numel() for p in empty.parameters()), 64)
+    assert estimate.quantization_flops(layers, *args, big) > 100 * estimate.quantization_flops(
+        layers, *args, small
+    )
+    monkeypatch.setattr(estimate, "matmul_rate", lambda device, seconds=0.2: 1e9)
+    cli._warn_if_slow(empty, model_config, small, [])
+    err = capsys.readouterr().err
+    assert "expected quantization time on cpu: about" in err and "GFLOP/s measured now" in err
+    assert "WARNING" not in err
+    cli._warn_if_slow(empty, model_config, big, [])
+    err = capsys.readouterr().err
+    assert "WARNING: --num-samples 128 --seqlen 2048 is slow on cpu" in err
+    assert "for a first try use --num-samples 16 --seqlen 512 (about" in err
 
 
 def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
@@ -316,8 +426,9 @@ def test_every_quantize_flag_is_explained(capsys):
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     flags = (
         "--bits --allocation --dataset --out --group-size --act-order --sym --num-samples --seqlen --seed "
-        "--damp-percent --min-bits --max-bits --resume --compare-uniform --eval --eval-windows "
-        "--eval-seqlen --push-to-hub --overwrite --keep-float32 --private --base-model --device --no-progress"
+        "--damp-percent --min-bits --max-bits --skip-modules --resume --compare-uniform --eval "
+        "--eval-windows --eval-seqlen --push-to-hub --overwrite --keep-float32 --private --base-model "
+        "--device --no-progress"
     )
     for flag in flags.split():
         assert flag in text, flag
