@@ -163,8 +163,7 @@ def add_evaluation_flags(group: Any, quantize: bool) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree; every flag's help says what it does and its default."""
-    from .budget import WEIGHTINGS
-    from .config import ALLOCATIONS, BUDGETS
+    from .specs import ALLOCATIONS, BUDGETS, WEIGHTINGS
 
     d = _config_defaults()
 
