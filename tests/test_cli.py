@@ -471,6 +471,31 @@ def test_console_script_help():
         assert sub in proc.stdout
 
 
+def test_help_and_usage_errors_import_neither_torch_nor_transformers():
+    """--help and argparse's errors answer in a fraction of a second (they took 13-21 s on a busy machine)."""
+    code = (
+        "import sys\n"
+        "from baq_hf import cli\n"
+        "for argv in (['--help'], ['quantize', '--help'], ['eval', '--help'], ['quantize']):\n"
+        "    cli.main(argv)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'triton', 'accelerate') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_help_defaults_read_from_the_source_match_the_imported_ones():
+    import inspect
+
+    from baq_hf import BaqConfig
+
+    signature = inspect.signature(BaqConfig.__init__).parameters.items()
+    literal = {n: p.default for n, p in signature if p.default is not inspect.Parameter.empty}
+    assert {k: v for k, v in literal.items() if k != "format_version"} == cli._config_defaults()
+    assert cli._eval_set_names() == list(data.EVAL_SETS)
+
+
 def test_tiny_tokenizer_matches_the_tiny_model():
     tok = make_tokenizer()
     ids = tok("the tower is 324 metres tall")["input_ids"]
