@@ -97,7 +97,8 @@ def build_cpu_layout(weight: fmt.BaqWeight) -> CpuLayout:
     range_min, range_max = weight.range_min.cpu(), weight.range_max.cpu()
     m, n = weight.out_features, weight.in_features
     bits = weight.stored_bits
-    codes = fmt.unpack_codes(weight.qweight.cpu(), weight.segments, m)  # int64 [m, n], stored order
+    small = torch.uint8 if not bits.numel() or int(bits.max()) <= 8 else torch.int16  # small temporaries
+    codes = fmt.unpack_codes(weight.qweight.cpu(), weight.segments, m, small)  # [m, n], stored order
     groups = group_index.long().cpu() if group_index is not None else torch.zeros(n, dtype=torch.long)
     rmin, rmax = range_min.cpu(), range_max.cpu()
     levels = ((1 << bits) - 1).float()
@@ -111,7 +112,7 @@ def build_cpu_layout(weight: fmt.BaqWeight) -> CpuLayout:
         n_cols = 0
         for i in range(_nibbles(int(bits[mine].max()))):  # nibble i of every column that has it
             have = mine[bits[mine] > NIBBLE * i]
-            col_codes.append((codes[:, have] >> (NIBBLE * i)) & 15)
+            col_codes.append(((codes[:, have] >> (NIBBLE * i)) & 15).to(torch.uint8))
             sources.append(perm[have].long())
             mults.append(16.0**i / levels[have])
             n_cols += have.numel()
@@ -120,12 +121,12 @@ def build_cpu_layout(weight: fmt.BaqWeight) -> CpuLayout:
             _, zero = fmt.grid(rmin[:, g], rmax[:, g], r)
             offset = CENTER * sum(16**i for i in range(_nibbles(r)))
             for i, digit in enumerate(_balanced_digits(zero.long() - offset)):
-                col_codes.append((digit + CENTER).unsqueeze(1))
+                col_codes.append((digit + CENTER).to(torch.uint8).unsqueeze(1))
                 sources.append(torch.tensor([n + p]))
                 mults.append(torch.tensor([-(16.0**i)]))
                 n_cols += 1
         pad = (-n_cols) % CHUNK
-        col_codes.append(torch.full((m, pad), CENTER, dtype=torch.long))
+        col_codes.append(torch.full((m, pad), CENTER, dtype=torch.uint8))
         sources.append(torch.zeros(pad, dtype=torch.long))
         mults.append(torch.zeros(pad))
         chunk_group += [g] * ((n_cols + pad) // CHUNK)
@@ -136,7 +137,7 @@ def build_cpu_layout(weight: fmt.BaqWeight) -> CpuLayout:
     packed = None
     if chunk_group:
         q4 = torch.full((rows, CHUNK * len(chunk_group)), CENTER, dtype=torch.int32)
-        q4[:m] = torch.cat(col_codes, dim=1).to(torch.int32)
+        q4[:m] = torch.cat(col_codes, dim=1)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1)
     return CpuLayout(
         out_features=m,
@@ -187,8 +188,17 @@ def _decoded_product(v: torch.Tensor, layout: CpuLayout) -> torch.Tensor:
     return torch.mm(v, w.view(k4, layout.rows))
 
 
-def cpu_linear(x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None = None) -> torch.Tensor:
+def cpu_linear(
+    x: torch.Tensor,
+    layout: CpuLayout,
+    bias: torch.Tensor | None = None,
+    compute: torch.dtype | None = None,
+) -> torch.Tensor:
     """``x @ W^T + bias`` for CPU ``x`` of any leading shape, W the layer's dequantized weight.
+
+    ``compute`` (bf16 or fp32) overrides the dtype the product is computed in; None: bf16 for bf16
+    ``x``, else fp32. The result has x's dtype. bf16 for fp32 ``x`` is the fast opt-in of
+    :func:`baq_hf.linear.set_cpu_compute_dtype` (bf16 accuracy below).
 
     Accuracy against the reference ``x @ format.dequantize_weight(...)^T`` (tests/test_cpu_runtime.py):
     - fp32 (fp16 computes in fp32): the same products regrouped. Per weight ``(D/L)(q - z) x`` becomes
@@ -200,7 +210,10 @@ def cpu_linear(x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None = N
       in a bf16 ``F.linear``: the error is a small multiple of ``2^-9 sum_k |x_k| max(D_k, |w_k|)``.
     """
     shape = x.shape
-    compute = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    if compute is None:
+        compute = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    elif compute not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"CPU compute dtype {compute} is not supported: use torch.bfloat16 or torch.float32")
     x2 = x.reshape(-1, layout.in_features).to(compute)
     m = layout.out_features
     if layout.packed is None:
