@@ -11,12 +11,9 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .budget import WEIGHTINGS
-from .format import MAX_BITS
-from .gptq import SolverSpec
-
-ALLOCATIONS = ("baq", "grid", "paper", "measured", "uniform")
-BUDGETS = ("layer", "model")
+from . import register
+from .format import FORMAT_VERSION
+from .specs import ALLOCATIONS, BUDGETS, MAX_BITS, WEIGHTINGS, SolverSpec
 
 
 class BaqConfig(QuantizationConfigMixin):
@@ -58,6 +55,9 @@ class BaqConfig(QuantizationConfigMixin):
         keep_float32: save the tensors that are not quantized (embeddings, norms, biases) of a float32
             model in float32. By default they are stored in 16 bits: a 16-bit model's own dtype, else
             bfloat16 (float32's range, so no value overflows; computation stays in the model's dtype).
+        format_version: the stored format's version (see baq_hf.format.FORMAT_VERSION): set by
+            ``save_pretrained``, read from a checkpoint's config.json (1 when the field is absent, as in
+            checkpoints written before it existed); a checkpoint of a newer version is refused by name.
     """
 
     def __init__(
@@ -85,6 +85,7 @@ class BaqConfig(QuantizationConfigMixin):
         true_sequential: bool = True,
         resume_dir: str | None = None,
         keep_float32: bool = False,
+        format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ):
         self.quant_method = "baq"
@@ -111,6 +112,7 @@ class BaqConfig(QuantizationConfigMixin):
         self.true_sequential = true_sequential
         self.resume_dir = resume_dir
         self.keep_float32 = keep_float32
+        self.format_version = format_version
         unknown = set(kwargs) - {"quant_method"}
         if unknown:
             raise ValueError(
@@ -125,6 +127,20 @@ class BaqConfig(QuantizationConfigMixin):
         def fail(field: str, fix: str) -> None:
             raise ValueError(f"BaqConfig.{field}={getattr(self, field)!r} is invalid: {fix}")
 
+        if (
+            isinstance(self.format_version, bool)
+            or not isinstance(self.format_version, int)
+            or self.format_version < 1
+        ):
+            fail("format_version", f"it must be an integer from 1 to {FORMAT_VERSION}")
+        if self.format_version > FORMAT_VERSION:
+            from . import __version__
+
+            raise ValueError(
+                f"this BAQ checkpoint was written in format version {self.format_version} by a newer "
+                f"baq_hf; baq_hf {__version__} reads format versions 1 to {FORMAT_VERSION}: upgrade it "
+                "(pip install -U baq_hf)"
+            )
         if self.allocation not in ALLOCATIONS:
             fail("allocation", f"use one of {list(ALLOCATIONS)}")
         if self.budget not in BUDGETS:
@@ -208,15 +224,21 @@ class BaqConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        """The config of a saved checkpoint; one written before ``keep_float32`` existed kept float32."""
-        return super().from_dict({"keep_float32": True, **config_dict}, return_unused_kwargs, **kwargs)
+        """The config of a saved checkpoint: one written before ``keep_float32`` existed kept float32, and one
+        without ``format_version`` is of version 1."""
+        defaults = {"keep_float32": True, "format_version": 1}
+        return super().from_dict({**defaults, **config_dict}, return_unused_kwargs, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """Serializable settings; calibration data and tokenizer objects are not stored in config.json."""
         out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("dataset", "tokenizer")}
         out["dataset"] = str(self.dataset) if isinstance(self.dataset, (str, Path)) else None
         out["tokenizer"] = self.tokenizer if isinstance(self.tokenizer, str) else None
+        out["format_version"] = FORMAT_VERSION  # what this baq_hf writes, whatever version it read
         return out
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+register()  # transformers is imported now (see baq_hf.register)

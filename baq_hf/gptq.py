@@ -22,27 +22,11 @@ import torch
 from . import allocation as alloc
 from . import clipping
 from . import format as fmt
+from .specs import MAX_BITS, SolverSpec
 
 logger = logging.getLogger(__name__)
 
 DAMP_RETRIES = 4
-
-
-@dataclass(frozen=True)
-class SolverSpec:
-    """What the solver needs to quantize one layer (BaqConfig.solver_spec() builds it)."""
-
-    bits: float
-    allocation: str = "baq"
-    min_bits: int = 0
-    max_bits: int = 8
-    group_size: int = -1
-    sym: bool = False
-    act_order: bool = False
-    damp_percent: float = 0.01
-    block_size: int = 128
-    clip_search: bool = False
-    compare_uniform: bool = False
 
 
 class HessianAccumulator:
@@ -102,10 +86,15 @@ class LayerResult:
     group_of_column: torch.Tensor | None
     stats: dict = field(default_factory=dict)
 
+    def pack(self) -> fmt.BaqWeight:
+        """The packed weight of this result (the last part of the per-layer step)."""
+        return fmt.BaqWeight.pack(self.codes, self.bits, self.range_min, self.range_max, self.group_of_column)
 
-def prepare(
-    w: torch.Tensor, h: torch.Tensor, damp_percent: float, act_order: bool, name: str = ""
-) -> PreparedLayer:
+
+def prepare(w: torch.Tensor, h: torch.Tensor, spec: SolverSpec, name: str = "") -> PreparedLayer:
+    """The first part of the per-layer step, shared by quantization and the model budget's measurement:
+    (weight, Hessian) -> dead inputs zeroed -> act_order -> damped Cholesky factor of H^-1."""
+    damp_percent, act_order = spec.damp_percent, spec.act_order
     w = w.detach().float().clone()
     h = h.detach().float().clone()
     if not bool(torch.isfinite(w).all()):
@@ -218,7 +207,7 @@ def solve(prep: PreparedLayer, bits: torch.Tensor, spec: SolverSpec) -> SolveRes
     bits = bits.to(device)
     bits_list = bits.tolist()
     h_diag = torch.diag(prep.h)
-    bit_values = torch.arange(fmt.MAX_BITS + 1, device=device)
+    bit_values = torch.arange(MAX_BITS + 1, device=device)
     q_all = torch.zeros_like(w)
     codes_all = torch.zeros_like(w)
     losses = torch.zeros(n, device=device)
@@ -338,7 +327,7 @@ def _allocate(prep: PreparedLayer, c: torch.Tensor, spec: SolverSpec) -> torch.T
 def quantize_weight(w: torch.Tensor, h: torch.Tensor, spec: SolverSpec, name: str = "") -> LayerResult:
     """Quantize one weight (out x in) given its Hessian, allocating bits as the spec says."""
     start = time.perf_counter()
-    prep = prepare(w, h, spec.damp_percent, spec.act_order, name)
+    prep = prepare(w, h, spec, name)
     n = prep.w.shape[1]
     gs = spec.group_size
     if gs != -1 and n % gs:

@@ -35,21 +35,11 @@ def load(variant: str, baq: str):
     from transformers import AutoModelForCausalLM
 
     import baq_hf  # noqa: F401 - registers the quantizer
-    from baq_hf.kernels.cpu import build_cpu_layout, cpu_linear
-    from baq_hf.linear import BaqLinear
     from baq_hf.models import resolve_model
 
     dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
     path = baq if variant.startswith("baq") else resolve_model("smollm2-135m")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    for layer in model.modules():
-        if isinstance(layer, BaqLinear) and not hasattr(layer, "_cpu_layout"):
-            layout = build_cpu_layout(
-                layer.qweight, layer.bits_header, layer.perm, layer.range_min, layer.range_max,
-                layer.group_index, layer.out_features,
-            )  # fmt: skip
-            layer.forward = lambda x, lay=layout, b=layer.bias: cpu_linear(x, lay, b)
-    return model
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 def timed(fn, repeats: int) -> float:

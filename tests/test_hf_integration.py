@@ -187,7 +187,7 @@ def test_unquantized_tensors_are_saved_in_16_bits(quantized, arch):
         f"{name}.{t}"
         for name, m in model.named_modules()
         if isinstance(m, BaqLinear)
-        for t in m.layout.specs()
+        for t in (spec.name for spec in m.weight_shape.specs())
     }
     assert {dtypes[k] for k in dtypes if k.endswith((".range_min", ".range_max"))} == {"F16"}
     assert {dtypes[k] for k in dtypes if k not in packed or k.endswith(".bias")} == {"BF16"}

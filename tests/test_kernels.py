@@ -31,18 +31,25 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton")
 
 from baq_hf import format as fmt  # noqa: E402
-from baq_hf.format import pack_weight  # noqa: E402
-from baq_hf.kernels import (  # noqa: E402
-    baq_linear_forward,
-    configs,
-    dequantize_triton,
-    kernel_layout,
-    prepare,
-)
+from baq_hf import kernels  # noqa: E402
+from baq_hf.kernels import configs  # noqa: E402
 from baq_hf.kernels import triton_kernels as tk  # noqa: E402
-from baq_hf.linear import FORCE_TORCH_ENV, BaqLinear  # noqa: E402
+from baq_hf.linear import FORCE_TORCH_ENV, BaqLinear, prepare_kernel_layouts  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_layout(layer: BaqLinear) -> kernels.KernelLayout:
+    return layer.kernel_layout()
+
+
+def baq_linear_forward(x: torch.Tensor, layer: BaqLinear) -> torch.Tensor:
+    """The kernel path of BaqLinear.forward (which takes it on CUDA only), on any device."""
+    return kernels.linear(x, layer.kernel_layout(), layer.bias)
+
+
+def dequantize_triton(layer: BaqLinear, dtype: torch.dtype) -> torch.Tensor:
+    return kernels.dequantize(layer.kernel_layout(), dtype)
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -76,7 +83,7 @@ def make_layer(
         mx = torch.empty(m, n_groups, dtype=torch.float16)
         for gi in range(n_groups):
             mn[:, gi], mx[:, gi] = fmt.fit_range(w[:, group_of_column == gi], sym=False)
-    packed = pack_weight(codes, bits, mn, mx, group_of_column)
+    packed = fmt.BaqWeight.pack(codes, bits, mn, mx, group_of_column)
     b = torch.randn(m, generator=g).half() if bias else None
     return BaqLinear.from_packed(packed, b).to(device)
 
@@ -264,7 +271,7 @@ def test_layout_cached_and_rebuilt_after_changes() -> None:
     lay = make_layer(4, 33, _random_bits(33, [1, 2, 3], 7))
     layout = kernel_layout(lay)
     assert kernel_layout(lay) is layout
-    assert prepare(torch.nn.Sequential(lay)) == (DEVICE.type == "cuda")  # CUDA layers only
+    assert prepare_kernel_layouts(torch.nn.Sequential(lay)) == (DEVICE.type == "cuda")  # CUDA layers only
     assert kernel_layout(lay) is layout
     # new stored tensors (as after loading another checkpoint into the module) give a new layout
     other = make_layer(4, 33, _random_bits(33, [1, 2, 3], 7), seed=8)
@@ -330,7 +337,7 @@ def test_torch_op_and_fake_tensors() -> None:
 def test_compiles_without_graph_breaks() -> None:
     """torch.compile traces BaqLinear's kernel forward in one graph (fullgraph), through the op."""
     lay = layer("grouped")
-    kernel_layout(lay)  # built before compiling, as prepare() does on a GPU
+    kernel_layout(lay)  # built before compiling, as prepare_kernel_layouts() does on a GPU
     compiled = torch.compile(lambda x: baq_linear_forward(x, lay) * 2, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, lay.in_features, device=DEVICE).half()
     y = compiled(x)
@@ -454,7 +461,7 @@ class TestGpu:
 
     def test_compile_reduce_overhead(self, big: dict[str, BaqLinear]) -> None:
         lay = big["rows"]
-        prepare(torch.nn.Sequential(lay))
+        prepare_kernel_layouts(torch.nn.Sequential(lay))
         fn = torch.compile(lambda x: lay(x), mode="reduce-overhead", fullgraph=True)
         for _ in range(3):
             x = torch.randn(1, lay.in_features, device="cuda").half()

@@ -226,7 +226,8 @@ def test_dequantize_gives_a_plain_model(saved, tmp_path):
         linear = plain.get_submodule(name)
         assert type(linear) is torch.nn.Linear and torch.equal(linear.weight, weight)
     assert getattr(plain.config, "quantization_config", None) is None
-    assert torch.allclose(logits(plain), before, atol=1e-6)
+    # the packed model's CPU product regroups the sums of the dense one: equal up to fp32 rounding
+    torch.testing.assert_close(logits(plain), before, rtol=1e-4, atol=1e-5)
     plain.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not baq_layers(again) and getattr(again.config, "quantization_config", None) is None

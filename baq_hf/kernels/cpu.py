@@ -91,19 +91,13 @@ def _balanced_digits(u: torch.Tensor) -> list[torch.Tensor]:
     return digits
 
 
-def build_cpu_layout(
-    qweight: torch.Tensor,
-    bits_header: torch.Tensor,
-    perm: torch.Tensor,
-    range_min: torch.Tensor,
-    range_max: torch.Tensor,
-    group_index: torch.Tensor | None,
-    out_features: int,
-) -> CpuLayout:
-    """The CPU layout of validated stored tensors (on the CPU); the stored tensors are not modified."""
-    m, n = out_features, perm.numel()
-    bits = fmt.unpack_header(bits_header.cpu(), n)
-    codes = fmt.unpack_codes(qweight.cpu(), fmt.segments_from_bits(bits, m), m)  # int64 [m, n], stored order
+def build_cpu_layout(weight: fmt.BaqWeight) -> CpuLayout:
+    """The CPU layout of a validated packed weight; its stored tensors are not modified."""
+    perm, group_index = weight.perm.cpu(), weight.group_index
+    range_min, range_max = weight.range_min.cpu(), weight.range_max.cpu()
+    m, n = weight.out_features, weight.in_features
+    bits = weight.stored_bits
+    codes = fmt.unpack_codes(weight.qweight.cpu(), weight.segments, m)  # int64 [m, n], stored order
     groups = group_index.long().cpu() if group_index is not None else torch.zeros(n, dtype=torch.long)
     rmin, rmax = range_min.cpu(), range_max.cpu()
     levels = ((1 << bits) - 1).float()

@@ -5,8 +5,8 @@ one row of a per-row layer, the tile kernel for 1-16 rows, unless a tuned table 
 above 16 rows dequantizes W^T (coalesced writes) for one matmul. It allocates y and
 launches one kernel. ``torch.ops.baq_hf.linear`` wraps it as an opaque custom op with a fake
 implementation, so that ``torch.compile`` traces a model through BaqLinear without graph breaks and
-CUDA graphs capture it; the op finds the layout by its key in ``baq_hf.kernels.LAYOUTS`` (an int),
-since the op's arguments can only be tensors and scalars. In eager mode :func:`baq_linear_forward` calls
+CUDA graphs capture it; the op finds the layout by its key in ``baq_hf.kernels.layout.LAYOUTS`` (an int),
+since the op's arguments can only be tensors and scalars. In eager mode :func:`baq_hf.kernels.linear` calls
 :func:`linear` directly and skips the dispatcher.
 """
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from . import LAYOUTS, configs
+from . import configs
 from . import triton_kernels as tk
-from .layout import KernelLayout
+from .layout import LAYOUTS, KernelLayout
 
 
 def _config(layout: KernelLayout, rows: int, dtype: torch.dtype) -> configs.KernelConfig:
