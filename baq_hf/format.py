@@ -345,9 +345,10 @@ class WeightShape:
         rotated: bool = False,
     ) -> WeightShape:
         """The shape of a layer with one range per row (group_size -1) or per ``group_size`` columns."""
-        optional = {name for name, on in (("group_index", group_size != -1), (BIAS, has_bias)) if on}
-        optional |= set(ROTATION_NAMES) if rotated else set()
         n_groups = 1 if group_size == -1 else in_features // group_size
+        # one group spanning the row is the per-row layout (no group_index): group_size == in_features
+        optional = {name for name, on in (("group_index", n_groups > 1), (BIAS, has_bias)) if on}
+        optional |= set(ROTATION_NAMES) if rotated else set()
         return cls(out_features, in_features, n_words, n_groups, frozenset(optional))
 
     @property
@@ -557,7 +558,7 @@ class BaqWeight:
             "range_min": range_min.cpu().half(),
             "range_max": range_max.cpu().half(),
         }
-        if group_of_column is not None:
+        if group_of_column is not None and range_min.shape[1] > 1:  # one group: the per-row layout
             tensors["group_index"] = group_of_column.cpu()[perm].to(torch.int32)
         if rotation is not None:
             tensors[ROTATION_SIGNS] = rotation.signs.cpu().to(torch.int8)

@@ -49,8 +49,8 @@ class BaqLinear(nn.Module):
             )
         self.in_features = in_features
         self.out_features = out_features
-        self.group_size = group_size
         shape = fmt.WeightShape.of(out_features, in_features, n_words, group_size, bias, rotated)
+        self.group_size = shape.group_size  # -1 also for one group as wide as the row
         # The packed codes are stored under the name "weight" on purpose: loading a BAQ checkpoint
         # without `import baq_hf` then fails loudly on a shape mismatch instead of silently
         # initializing random Linear weights (transformers skips unknown quantization methods).
