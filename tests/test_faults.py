@@ -184,3 +184,11 @@ def test_temp_files_of_a_killed_state_write_do_not_block_the_rerun(tmp_path, nam
     quantize(resumed, resume_dir=str(state))
     assert not (state / name).exists()
     assert_same_state(reference, resumed)
+
+
+def test_fuzzed_checkpoints_never_crash_or_hang(tmp_path):
+    """A few hundred of the benchmark's fuzz cases, in a worker process under its watchdog."""
+    summary = faults.run_fuzz(tmp_path, 300, seed=1, n_workers=1)
+    assert summary["cases"] == 300 and summary["crashes"] == [], summary["crashes"][:3]
+    assert summary["outcomes"]["clean error"] > 200 and summary["outcomes"].get("loaded, identical", 0) > 0
+    assert summary["by_path"].get("model", 0) >= 30  # every 10th case through from_pretrained
