@@ -177,7 +177,7 @@ class BaqHfQuantizer(HfQuantizer):
                     device=module.weight.device,
                     dtype=target,
                 )
-                dense.weight.data.copy_(module.dequantize(target))
+                dense.weight.data.copy_(module.effective_weight(target))
                 if has_bias:
                     dense.bias.data.copy_(module.bias)
                 model.set_submodule(name, dense)

@@ -44,6 +44,11 @@ def select_columns(weight: fmt.BaqWeight, start: int, stop: int) -> fmt.BaqWeigh
     n = weight.in_features
     if not 0 <= start < stop <= n:
         raise ValueError(f"columns {start}:{stop} are outside the layer's {n} input columns")
+    if weight.rotation is not None:
+        raise ValueError(
+            "a layer quantized with an input rotation (rotation_signs) mixes all its input columns and "
+            "cannot be split by columns (row-parallel); serve it without tensor parallelism"
+        )
     perm = weight.perm.long().cpu()
     keep = (perm >= start) & (perm < stop)  # stored order, so the kept bitwidths stay sorted
     kept_bits = weight.stored_bits[keep]
