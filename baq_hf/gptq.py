@@ -22,27 +22,12 @@ import torch
 from . import allocation as alloc
 from . import clipping
 from . import format as fmt
+from .rotation import Rotation
+from .specs import MAX_BITS, SolverSpec
 
 logger = logging.getLogger(__name__)
 
 DAMP_RETRIES = 4
-
-
-@dataclass(frozen=True)
-class SolverSpec:
-    """What the solver needs to quantize one layer (BaqConfig.solver_spec() builds it)."""
-
-    bits: float
-    allocation: str = "baq"
-    min_bits: int = 0
-    max_bits: int = 8
-    group_size: int = -1
-    sym: bool = False
-    act_order: bool = False
-    damp_percent: float = 0.01
-    block_size: int = 128
-    clip_search: bool = False
-    compare_uniform: bool = False
 
 
 class HessianAccumulator:
@@ -76,6 +61,7 @@ class PreparedLayer:
     u: torch.Tensor  # upper Cholesky factor of the damped inverse
     perm: torch.Tensor  # quantization order -> original column
     dead: torch.Tensor  # bool, quantization order
+    rotation: Rotation | None = None  # w and h are in the rotated basis of the inputs (spec.rotation)
 
 
 @dataclass
@@ -101,11 +87,24 @@ class LayerResult:
     range_max: torch.Tensor
     group_of_column: torch.Tensor | None
     stats: dict = field(default_factory=dict)
+    rotation: Rotation | None = None  # q, codes and bits are in the rotated basis of the inputs
+
+    def pack(self) -> fmt.BaqWeight:
+        """The packed weight of this result (the last part of the per-layer step)."""
+        return fmt.BaqWeight.pack(
+            self.codes, self.bits, self.range_min, self.range_max, self.group_of_column, self.rotation
+        )
+
+    def effective_weight(self) -> torch.Tensor:
+        """The quantized weight acting on un-rotated inputs (q itself without a rotation)."""
+        return self.q if self.rotation is None else self.rotation.unrotate_weight(self.q)
 
 
-def prepare(
-    w: torch.Tensor, h: torch.Tensor, damp_percent: float, act_order: bool, name: str = ""
-) -> PreparedLayer:
+def prepare(w: torch.Tensor, h: torch.Tensor, spec: SolverSpec, name: str = "") -> PreparedLayer:
+    """The first part of the per-layer step, shared by quantization and the model budget's measurement:
+    (weight, Hessian) -> dead inputs zeroed -> rotation (spec.rotation: W R^T, R H R^T) -> act_order
+    -> damped Cholesky factor of H^-1."""
+    damp_percent, act_order = spec.damp_percent, spec.act_order
     w = w.detach().float().clone()
     h = h.detach().float().clone()
     if not bool(torch.isfinite(w).all()):
@@ -113,8 +112,14 @@ def prepare(
             f"weights of layer {name!r} contain NaN or inf; fix the checkpoint before quantizing"
         )
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    rotation = None
+    if spec.rotation is not None:
+        rotation = Rotation.for_layer(w.shape[1], spec.seed, name, spec.rotation_block)
+        w, h = rotation.rotate_weight(w), rotation.rotate_hessian(h)
+        dead = torch.diag(h) == 0
+        w[:, dead] = 0.0
+    h[dead, dead] = 1.0
     n = h.shape[0]
     perm = torch.arange(n, device=w.device)
     if act_order:
@@ -137,7 +142,7 @@ def prepare(
             logger.warning("layer %s: Hessian not positive definite, retrying with damping %.3g", name, damp)
     h_undamped = h.clone()
     h_undamped[dead, dead] = 0.0
-    return PreparedLayer(w=w, h=h_undamped, u=u, perm=perm, dead=dead)
+    return PreparedLayer(w=w, h=h_undamped, u=u, perm=perm, dead=dead, rotation=rotation)
 
 
 def _initial_ranges(w: torch.Tensor, group_size: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +223,7 @@ def solve(prep: PreparedLayer, bits: torch.Tensor, spec: SolverSpec) -> SolveRes
     bits = bits.to(device)
     bits_list = bits.tolist()
     h_diag = torch.diag(prep.h)
-    bit_values = torch.arange(fmt.MAX_BITS + 1, device=device)
+    bit_values = torch.arange(MAX_BITS + 1, device=device)
     q_all = torch.zeros_like(w)
     codes_all = torch.zeros_like(w)
     losses = torch.zeros(n, device=device)
@@ -338,7 +343,7 @@ def _allocate(prep: PreparedLayer, c: torch.Tensor, spec: SolverSpec) -> torch.T
 def quantize_weight(w: torch.Tensor, h: torch.Tensor, spec: SolverSpec, name: str = "") -> LayerResult:
     """Quantize one weight (out x in) given its Hessian, allocating bits as the spec says."""
     start = time.perf_counter()
-    prep = prepare(w, h, spec.damp_percent, spec.act_order, name)
+    prep = prepare(w, h, spec, name)
     n = prep.w.shape[1]
     gs = spec.group_size
     if gs != -1 and n % gs:
@@ -382,4 +387,5 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, spec: SolverSpec, name: st
         range_max=result.range_max,
         group_of_column=group_of_column,
         stats=stats,
+        rotation=prep.rotation,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -9,20 +10,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import format as fmt
-from .kernels.layout import KernelLayout, stored_qweight
+from . import kernels
+from .kernels.cpu import CpuLayout, build_cpu_layout, cpu_linear
+from .kernels.layout import LAYOUTS, KernelLayout, build_layout, register_layout, stored_qweight
 
 FORCE_TORCH_ENV = "BAQ_HF_FORCE_TORCH"
 # Buffers that define the format's exact quantization grid (stored as float16): they follow device moves
 # but never dtype casts.
 FIXED_DTYPE_BUFFERS = ("range_min", "range_max")
+_WEIGHT_NAMES = tuple(n for n in fmt.TENSOR_NAMES if n != fmt.BIAS)  # the packed weight's buffers
 
 
 class BaqLinear(nn.Module):
     """y = x W^T + b with W dequantized from packed per-column-bitwidth codes.
 
-    All quantized data are buffers, so ``state_dict``/safetensors carry them and nothing is pickled.
-    Derived, non-persistent views (per-column bitwidths, segments) are rebuilt by :meth:`post_init`, and
-    again on first use after ``load_state_dict``.
+    The packed weight's tensors (declared in :data:`baq_hf.format.TENSORS`) are buffers under their
+    stored names, so ``state_dict``/safetensors carry them and nothing is pickled; :attr:`baq_weight` is
+    the :class:`~baq_hf.format.BaqWeight` over them. The compute layouts built from it (the GPU kernel
+    layout) are cached here and dropped whenever the stored tensors may change.
     """
 
     def __init__(
@@ -34,6 +39,7 @@ class BaqLinear(nn.Module):
         group_size: int = -1,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        rotated: bool = False,
     ):
         super().__init__()
         if group_size != -1 and (group_size <= 0 or in_features % group_size):
@@ -43,48 +49,44 @@ class BaqLinear(nn.Module):
             )
         self.in_features = in_features
         self.out_features = out_features
-        self.group_size = group_size
-        n_groups = 1 if group_size == -1 else in_features // group_size
-        kw = {"device": device}
+        shape = fmt.WeightShape.of(out_features, in_features, n_words, group_size, bias, rotated)
+        self.group_size = shape.group_size  # -1 also for one group as wide as the row
         # The packed codes are stored under the name "weight" on purpose: loading a BAQ checkpoint
         # without `import baq_hf` then fails loudly on a shape mismatch instead of silently
         # initializing random Linear weights (transformers skips unknown quantization methods).
-        self.register_buffer("weight", torch.zeros(n_words, dtype=torch.int32, **kw))
-        self.register_buffer("bits_header", torch.zeros((in_features + 1) // 2, dtype=torch.uint8, **kw))
-        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
-        self.register_buffer("range_min", torch.zeros(out_features, n_groups, dtype=torch.float16, **kw))
-        self.register_buffer("range_max", torch.ones(out_features, n_groups, dtype=torch.float16, **kw))
-        if group_size != -1:
-            self.register_buffer("group_index", torch.zeros(in_features, dtype=torch.int32, **kw))
-        else:
-            self.group_index = None
+        stored = fmt.BaqWeight.empty(shape, device).tensors
+        for name in _WEIGHT_NAMES:
+            self.register_buffer(name, stored.get(name))  # None: an optional tensor this layer lacks
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw), requires_grad=False)
+            zeros = torch.zeros(out_features, dtype=dtype, device=device)
+            self.bias = nn.Parameter(zeros, requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._stored_bits: torch.Tensor | None = None
-        self._segments: list[fmt.Segment] | None = None
-        self._kernel_layout = None  # baq_hf.kernels' layout of the stored tensors (set_kernel_layout)
+        self._weight: fmt.BaqWeight | None = None  # the record over the current buffers (baq_weight)
+        self._weight_sources: list[torch.Tensor | None] = [None] * len(_WEIGHT_NAMES)
+        self._kernel_layout: KernelLayout | None = None
         self._codes_in_layout = False
+        self._cpu_layout: CpuLayout | None = None
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_layout(
+    def from_shape(
         cls,
-        layout: fmt.PackedLayout,
+        shape: fmt.WeightShape,
         bias_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> BaqLinear:
-        """An empty layer with exactly the tensors ``layout`` describes (e.g. on the meta device)."""
+        """An empty layer with exactly the tensors ``shape`` describes (e.g. on the meta device)."""
         return cls(
-            layout.in_features,
-            layout.out_features,
-            bias=layout.has_bias,
-            n_words=layout.n_words,
-            group_size=layout.group_size,
+            shape.in_features,
+            shape.out_features,
+            bias=shape.has_bias,
+            n_words=shape.n_words,
+            group_size=shape.group_size,
             dtype=bias_dtype,
             device=device,
+            rotated=shape.rotated,
         )
 
     @classmethod
@@ -93,39 +95,31 @@ class BaqLinear(nn.Module):
 
         The bias keeps its dtype; the layer lives on the tensors' device.
         """
-        shapes = {key: tuple(t.shape) for key, t in tensors.items()}
-        layout = fmt.PackedLayout.from_shapes(shapes, name)
-        bias = tensors.get("bias")
+        shape = fmt.WeightShape.from_shapes({key: tuple(t.shape) for key, t in tensors.items()}, name)
+        bias = tensors.get(fmt.BIAS)
         bias_dtype = bias.dtype if bias is not None and bias.is_floating_point() else torch.float32
-        layer = cls.from_layout(layout, bias_dtype, device="meta")
+        layer = cls.from_shape(shape, bias_dtype, device="meta")
         layer.load_state_dict(tensors, strict=True, assign=True)
         layer.validate(name)
         return layer
 
     @classmethod
-    def from_packed(cls, packed: fmt.PackedWeight, bias: torch.Tensor | None = None) -> BaqLinear:
-        """A layer from freshly packed tensors and the layer's bias (kept in its dtype), on the CPU."""
-        tensors = packed.tensors()
+    def from_packed(cls, packed: fmt.BaqWeight, bias: torch.Tensor | None = None) -> BaqLinear:
+        """A layer from a freshly packed weight and the layer's bias (kept in its dtype), on the CPU."""
+        tensors = {key: t.cpu() for key, t in packed.tensors.items()}
         if bias is not None:
-            tensors["bias"] = bias.detach().cpu()
-        return cls.from_tensors({key: t.cpu() for key, t in tensors.items()})
+            tensors[fmt.BIAS] = bias.detach().cpu()
+        return cls.from_tensors(tensors)
 
     def post_init(self) -> None:
-        """Rebuild the derived per-column bitwidths and segments from the loaded header (and drop the
-        kernel layout, which may no longer match it)."""
+        """Forget what was derived from the stored tensors (they were changed in place)."""
         self.drop_kernel_layout()
-        self._derive_from_header()
-
-    def _derive_from_header(self) -> None:
-        self._stored_bits = fmt.unpack_header(self.bits_header.cpu(), self.in_features)
-        self._segments = fmt.segments_from_bits(self._stored_bits, self.out_features)
+        self._cpu_layout = None
+        self._weight = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        self.drop_kernel_layout()
+        self.post_init()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        # a new bits_header makes the derived bitwidths and segments stale: rebuild them on next use
-        self._stored_bits = None
-        self._segments = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -138,7 +132,7 @@ class BaqLinear(nn.Module):
         ``model.to(torch.bfloat16)``, ``.half()`` or ``.float()`` would otherwise round them and change
         every dequantized weight; device moves still apply to them, and the bias follows the cast.
         """
-        self.drop_kernel_layout()  # built again on the new device
+        self.post_init()  # layouts are built again on the new device
         before = {name: self._buffers[name] for name in FIXED_DTYPE_BUFFERS}
         super()._apply(fn, recurse)
         for name, old in before.items():
@@ -147,6 +141,8 @@ class BaqLinear(nn.Module):
                 self._buffers[name] = old.to(new.device)
         return self
 
+    # ------------------------------------------------------------------ the packed weight
+
     @property
     def qweight(self) -> torch.Tensor:
         """The packed codes (int32 words), stored in the checkpoint as ``<layer>.weight``."""
@@ -154,65 +150,52 @@ class BaqLinear(nn.Module):
             return stored_qweight(self._kernel_layout)
         return self.weight
 
-    @property
-    def layout(self) -> fmt.PackedLayout:
-        """What this layer stores, as the format describes it."""
-        return fmt.PackedLayout(
-            self.out_features, self.in_features, self.weight.numel(), self.group_size, self.bias is not None
-        )
-    # ------------------------------------------------------------------ kernel layout (GPU kernels)
-
-    def set_kernel_layout(self, layout: KernelLayout, hold_codes: bool) -> None:
-        """Keep the kernel layout that :mod:`baq_hf.kernels` built from this layer's stored tensors.
-
-        With ``hold_codes`` the layout holds the codes from now on: its ``codes`` become the
-        non-persistent buffer ``kernel_codes`` (so memory accounting sees them) and ``weight`` is emptied,
-        so the GPU keeps one copy; ``qweight``, ``state_dict`` and device moves rebuild the stored words
-        from the layout, bit for bit.
-        """
-        self._kernel_layout = layout
-        if hold_codes and not self._codes_in_layout:
-            self.register_buffer("kernel_codes", layout.codes, persistent=False)
-            self._buffers["weight"] = self.weight.new_empty(0)
-            self._codes_in_layout = True
-
-    def drop_kernel_layout(self) -> None:
-        """Forget the kernel layout (stale after any change); the codes go back to ``weight`` first."""
+    def _stored(self) -> dict[str, torch.Tensor]:
+        """The weight's buffers by stored name (the codes as stored, even while a layout holds them)."""
+        out = {n: b for n in _WEIGHT_NAMES if (b := self._buffers.get(n)) is not None}
         if self._codes_in_layout:
-            self._buffers["weight"] = stored_qweight(self._kernel_layout)
-            del self.kernel_codes
-            self._codes_in_layout = False
-        self._kernel_layout = None
+            out["weight"] = self.qweight
+        return out
+
+    @property
+    def baq_weight(self) -> fmt.BaqWeight:
+        """The packed weight over this layer's buffers (rebuilt when a buffer was replaced)."""
+        sources = [self._buffers.get(n) for n in _WEIGHT_NAMES]
+        old = self._weight_sources
+        if self._weight is None or any(a is not b for a, b in zip(sources, old, strict=True)):
+            self._weight = fmt.BaqWeight(self.out_features, self._stored())
+            self._weight_sources = sources
+        return self._weight
+
+    @property
+    def weight_shape(self) -> fmt.WeightShape:
+        """What this layer stores, as the format describes it."""
+        shape = self.baq_weight.shape
+        if self.bias is None:
+            return shape
+        return dataclasses.replace(shape, optional=shape.optional | {fmt.BIAS})
 
     def validate(self, name: str = "") -> None:
         """Check loaded tensors against each other before anything runs (checkpoints are untrusted)."""
-        self.layout.validate(self.state_dict(), name)
         self.post_init()
+        fmt.validate(self.weight_shape, self.state_dict(), name)
 
     @property
     def stored_bits(self) -> torch.Tensor:
-        if self._stored_bits is None:
-            self._derive_from_header()
-        return self._stored_bits
+        return self.baq_weight.stored_bits
 
     @property
     def segments(self) -> list[fmt.Segment]:
-        if self._segments is None:
-            self._derive_from_header()
-        return self._segments
+        return self.baq_weight.segments
 
     def column_bits(self) -> torch.Tensor:
         """Bitwidth of every input column, in the original column order."""
-        bits = torch.empty_like(self.stored_bits)
-        bits[self.perm.long().cpu()] = self.stored_bits
-        return bits
-
-    # ------------------------------------------------------------------ size accounting
+        return self.baq_weight.column_bits()
 
     @property
     def code_bits(self) -> float:
         """Mean code bits per weight (the paper's "Avg. Bits")."""
-        return float(self.stored_bits.float().mean())
+        return self.baq_weight.code_bits
 
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
@@ -222,26 +205,84 @@ class BaqLinear(nn.Module):
         """8 x bytes of every stored tensor (codes, header, ranges, index, bias) / weights."""
         return 8.0 * self.storage_bytes() / (self.in_features * self.out_features)
 
+    # ------------------------------------------------------------------ kernel layout (GPU kernels)
+
+    def _offloaded(self) -> bool:
+        """True if accelerate moves this layer's tensors in for each forward (CPU or disk offload)."""
+        hook = getattr(self, "_hf_hook", None)
+        hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+        return any(getattr(h, "offload", False) for h in hooks)
+
+    def kernel_layout(self) -> KernelLayout:
+        """The kernel layout of the stored weight, built on the layer's device on first use.
+
+        The layer keeps it, and the layout then holds the codes: they become the non-persistent buffer
+        ``kernel_codes`` (so memory accounting sees them) and ``weight`` is emptied, so the GPU keeps one
+        copy; ``qweight``, ``state_dict`` and device moves rebuild the stored words bit for bit. Layers
+        that accelerate offloads get a layout per call, never kept, so that their weights do not stay on
+        the GPU.
+        """
+        layout = self._kernel_layout
+        offloaded = self._offloaded()
+        if layout is None or offloaded or layout.device != self.perm.device:
+            stored = self.baq_weight
+            self.drop_kernel_layout()
+            layout = register_layout(build_layout(stored.to(self.perm.device)))
+            if not offloaded:
+                self._kernel_layout = layout
+                self.register_buffer("kernel_codes", layout.codes, persistent=False)
+                self._buffers["weight"] = self.weight.new_empty(0)
+                self._codes_in_layout = True
+        elif not torch.compiler.is_compiling() and LAYOUTS.get(layout.op_key) is not layout:
+            register_layout(layout)  # a deep copy of a layer carries its layout with the original's key
+        return layout
+
+    def drop_kernel_layout(self) -> None:
+        """Forget the kernel layout (stale after any change); the codes go back to ``weight`` first."""
+        if self._codes_in_layout:
+            self._buffers["weight"] = stored_qweight(self._kernel_layout)
+            del self.kernel_codes
+            self._codes_in_layout = False
+        self._kernel_layout = None
+
+    # ------------------------------------------------------------------ CPU layout
+
+    def cpu_layout(self) -> CpuLayout:
+        """The CPU compute layout (:mod:`baq_hf.kernels.cpu`), built on first use and kept, except for
+        layers that accelerate offloads (their tensors come and go with each call).
+
+        It holds the codes a second time, as int4 columns (about 0.9 byte per weight at 3 bits with
+        groups of 64), next to the stored bitstream, which state_dict and the GPU path read.
+        """
+        if self._cpu_layout is not None and not self._offloaded():
+            return self._cpu_layout
+        layout = build_cpu_layout(self.baq_weight)
+        if not self._offloaded():
+            self._cpu_layout = layout
+        return layout
+
     # ------------------------------------------------------------------ compute
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight (out x in), exactly as GPTQ produced it (computed in fp32)."""
-        w = fmt.dequantize_weight(
-            self.qweight,
-            self.stored_bits.to(self.qweight.device),
-            self.perm,
-            self.range_min,
-            self.range_max,
-            self.group_index,
-            self.out_features,
-        )
-        return w if dtype is None else w.to(dtype)
+        """The dense weight (out x in), exactly as GPTQ produced it (computed in fp32); for a rotated
+        layer the rotated weight W' that acts on R x (see :meth:`effective_weight`)."""
+        return self.baq_weight.dequantize(dtype)
+
+    def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight that acts on the layer's inputs as they come (W' R when rotated)."""
+        return self.baq_weight.effective_weight(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and not os.environ.get(FORCE_TORCH_ENV):
-            from .kernels import baq_linear_forward
-
-            return baq_linear_forward(x, self)
+        """A rotated layer first rotates x (R x, on every path); then CUDA: the Triton kernels; CPU: the
+        CPU layout's product; else (or with BAQ_HF_FORCE_TORCH=1) the reference: dequantize, ``F.linear``."""
+        rotation = self.baq_weight.rotation
+        if rotation is not None:
+            x = rotation.apply(x)
+        if not os.environ.get(FORCE_TORCH_ENV):
+            if x.is_cuda:
+                return kernels.linear(x, self.kernel_layout(), self.bias)
+            if x.device.type == "cpu":
+                return cpu_linear(x, self.cpu_layout(), self.bias)
         return F.linear(
             x, self.dequantize(x.dtype), self.bias if self.bias is None else self.bias.to(x.dtype)
         )
@@ -252,3 +293,16 @@ class BaqLinear(nn.Module):
             f"bias={self.bias is not None}, group_size={self.group_size}, "
             f"code_bits={self.code_bits:.3f}, effective_bits={self.effective_bits:.3f}"
         )
+
+
+def prepare_kernel_layouts(model: nn.Module) -> int:
+    """Build the kernel layout of every BaqLinear of ``model`` on a CUDA device; returns how many.
+
+    BaqLinear builds its layout on first use anyway; call this after loading and moving the model and
+    before ``torch.compile``, so that the host-side building stays out of compiled graphs (loading a
+    BAQ checkpoint with ``from_pretrained`` does it for the layers it places on GPUs).
+    """
+    layers = [m for m in model.modules() if isinstance(m, BaqLinear) and m.perm.is_cuda]
+    for layer in layers:
+        layer.kernel_layout()
+    return len(layers)

@@ -13,7 +13,6 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import register_quantizer
 
 from . import format as fmt
-from .calibration import QUANTIZABLE, quantize_model
 from .checkpoint import (
     check_complete_folder,
     round_unquantized,
@@ -22,7 +21,7 @@ from .checkpoint import (
 )
 from .config import BaqConfig
 from .filemode import fix_safetensors_modes
-from .linear import BaqLinear
+from .linear import BaqLinear, prepare_kernel_layouts
 
 logger = logging.getLogger(__name__)
 
@@ -69,21 +68,23 @@ def build_baq_modules(model: nn.Module, layout: dict[str, dict[str, fmt.TensorIn
     The bias keeps the checkpoint's dtype, like the other stored tensors, so a reloaded layer holds
     (and counts in its effective bits) exactly what was saved.
     """
+    from . import calibration  # not at the top: registering the quantizer must not need the driver
+
     for key, tensors in layout.items():
         found = _module_for_key(model, key)
         if found is None:
             raise ValueError(f"the checkpoint quantizes {key!r}, which this model does not have")
         name, module = found
-        if not isinstance(module, QUANTIZABLE):
+        if not isinstance(module, calibration.QUANTIZABLE):
             raise ValueError(
                 f"the checkpoint quantizes {key!r}, a {type(module).__name__}, not a Linear layer"
             )
         n_out, n_in = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]
         expected = fmt.ModuleShape(n_out, n_in, getattr(module, "bias", None) is not None)
         shapes = {tensor: info.shape for tensor, info in tensors.items()}
-        packed = fmt.PackedLayout.from_shapes(shapes, key, expected)
-        bias_dtype = tensors["bias"].torch_dtype if "bias" in tensors else torch.float32
-        model.set_submodule(name, BaqLinear.from_layout(packed, bias_dtype, device="meta"))
+        shape = fmt.WeightShape.from_shapes(shapes, key, expected)
+        bias_dtype = tensors[fmt.BIAS].torch_dtype if fmt.BIAS in tensors else torch.float32
+        model.set_submodule(name, BaqLinear.from_shape(shape, bias_dtype, device="meta"))
     return len(layout)
 
 
@@ -118,10 +119,9 @@ class BaqHfQuantizer(HfQuantizer):
             for name, module in model.named_modules():
                 if isinstance(module, BaqLinear):
                     module.validate(name)
-            from .kernels import prepare
-
-            prepare(model)  # the kernel layouts of the layers loaded onto a GPU, built there now
+            prepare_kernel_layouts(model)  # the layouts of the layers loaded onto a GPU, built there now
             return model
+        from . import calibration
         from .data import calibration_and_heldout
         from .sanity import SANITY_SEQLEN, SANITY_WINDOWS, heldout_nll, sanity_report
 
@@ -154,7 +154,7 @@ class BaqHfQuantizer(HfQuantizer):
                 f"use seqlen <= {max_pos}"
             )
         nll_before = heldout_nll(model, heldout, "float model")
-        self.report = quantize_model(model, windows, config)
+        self.report = calibration.quantize_model(model, windows, config)
         nll_after = heldout_nll(model, heldout, "quantized model")
         self.report["sanity"] = sanity_report(nll_before, nll_after, heldout)
         model.baq_report = self.report
@@ -177,7 +177,7 @@ class BaqHfQuantizer(HfQuantizer):
                     device=module.weight.device,
                     dtype=target,
                 )
-                dense.weight.data.copy_(module.dequantize(target))
+                dense.weight.data.copy_(module.effective_weight(target))
                 if has_bias:
                     dense.bias.data.copy_(module.bias)
                 model.set_submodule(name, dense)

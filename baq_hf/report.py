@@ -155,13 +155,13 @@ def read_layers(folder: str | Path) -> list[LayerInfo]:
     listing, file_of = _read_listing(folder)
     layers = []
     for module, tensors in fmt.packed_layers(listing).items():
-        layout = fmt.PackedLayout.from_shapes({t: info.shape for t, info in tensors.items()}, module)
+        shape = fmt.WeightShape.from_shapes({t: info.shape for t, info in tensors.items()}, module)
         key = f"{module}.{fmt.HEADER_TENSOR}"
         with safe_open(str(file_of[key]), framework="pt") as f:
             header = f.get_tensor(key)
-        n_in, n_out = layout.in_features, layout.out_features
+        n_in, n_out = shape.in_features, shape.out_features
         bits = fmt.unpack_header(header, n_in)
-        nbytes = sum(tensors[t].nbytes for t in layout.specs())
+        nbytes = sum(tensors[spec.name].nbytes for spec in shape.specs())
         hist = [0] * (fmt.MAX_BITS + 1)
         for b, count in Counter(bits.tolist()).items():
             hist[int(b)] = count
@@ -170,7 +170,7 @@ def read_layers(folder: str | Path) -> list[LayerInfo]:
                 name=module,
                 out_features=n_out,
                 in_features=n_in,
-                group_size=layout.group_size,
+                group_size=shape.group_size,
                 code_bits=float(bits.double().mean()) if n_in else 0.0,
                 effective_bits=8.0 * nbytes / (n_out * n_in) if n_out * n_in else float("nan"),
                 storage_bytes=nbytes,
@@ -223,8 +223,8 @@ def size_on_disk(folder: str | Path) -> SizeOnDisk:
     params = 0
     packed: set[str] = set()
     for module, tensors in fmt.packed_layers(listing).items():
-        layout = fmt.PackedLayout.from_shapes({t: info.shape for t, info in tensors.items()}, module)
-        params += layout.out_features * layout.in_features + (layout.out_features if layout.has_bias else 0)
+        shape = fmt.WeightShape.from_shapes({t: info.shape for t, info in tensors.items()}, module)
+        params += shape.out_features * shape.in_features + (shape.out_features if shape.has_bias else 0)
         packed.update(f"{module}.{t}" for t in tensors)
     dtypes = set()
     for key, info in listing.items():

@@ -32,8 +32,7 @@ from kernel_bench import random_baq_linear  # benchmarks/kernel_bench.py, beside
 from torch import nn
 from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
-from baq_hf.kernels import prepare
-from baq_hf.linear import FORCE_TORCH_ENV, BaqLinear
+from baq_hf.linear import FORCE_TORCH_ENV, BaqLinear, prepare_kernel_layouts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,7 +270,7 @@ def bench_model(name: str, bits_list: list[float], args, device: torch.device, s
             )
         else:
             row.update(convert_to_baq(model, bits, group_size=args.group_size, seed=args.seed))
-            prepare(model)  # kernel layouts now (they take over the codes), not inside a compiled graph
+            prepare_kernel_layouts(model)  # layouts now (they take over the codes), not in a compiled graph
             row["linear_bytes"] = baq_linear_bytes(model)
         row["model_bytes"] = model_bytes(model)
         if device.type == "cuda":
@@ -369,9 +368,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.dry_run:
         if os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("--dry-run runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
-        from baq_hf.kernels import baq_linear_forward
+        from baq_hf import kernels
 
-        BaqLinear.forward = lambda self, x: baq_linear_forward(x, self)  # the kernel path, on CPU
+        BaqLinear.forward = lambda self, x: kernels.linear(x, self.kernel_layout(), self.bias)  # on CPU
         device, args.models = torch.device("cpu"), ["tiny"]
         args.new_tokens, args.repeats, args.prefill, args.prompt_len = 3, 1, min(args.prefill, 16), 4
     elif not torch.cuda.is_available():

@@ -43,8 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from baq_hf import format as fmt
-from baq_hf.format import PackedWeight, pack_weight
-from baq_hf.kernels import configs, kernel_layout
+from baq_hf.kernels import configs
 from baq_hf.kernels.layout import KernelLayout
 from baq_hf.linear import BaqLinear
 
@@ -134,7 +133,7 @@ def random_baq_linear(
     Ranges are fitted to ``weight`` when given (so outputs have the model's scale), else random.
     By default the packed stream is drawn as random int32 words, which is exactly a stream of
     independent uniform codes of every width (pad bits are never read); ``exact_pack`` draws codes and
-    packs them with :func:`baq_hf.format.pack_weight` instead (the same distribution, but slow on
+    packs them with :meth:`baq_hf.format.BaqWeight.pack` instead (the same distribution, but slow on
     CPU for large layers: about 10 s for 11008 x 4096).
     """
     g = torch.Generator().manual_seed(seed)
@@ -150,22 +149,22 @@ def random_baq_linear(
     group_of_column = None if group_size == -1 else torch.arange(n) // group_size
     if exact_pack:
         codes = (torch.rand(m, n, generator=g) * (1 << bits).double()).long()
-        packed = pack_weight(codes, bits, mn, mx, group_of_column)
+        packed = fmt.BaqWeight.pack(codes, bits, mn, mx, group_of_column)
     else:
         perm = torch.sort(bits, stable=True).indices
         stored = bits[perm]
         n_words = fmt.total_words(fmt.segments_from_bits(stored, m), m)
-        packed = PackedWeight(
-            shape=(m, n),
-            qweight=torch.randint(-(2**31), 2**31, (n_words,), generator=g, dtype=torch.int64).to(
-                torch.int32
-            ),
-            bits_header=fmt.pack_header(stored),
-            perm=perm.to(torch.int32),
-            range_min=mn.half(),
-            range_max=mx.half(),
-            group_index=None if group_of_column is None else group_of_column[perm].to(torch.int32),
-        )
+        words = torch.randint(-(2**31), 2**31, (n_words,), generator=g, dtype=torch.int64)
+        tensors = {
+            "weight": words.to(torch.int32),
+            "bits_header": fmt.pack_header(stored),
+            "perm": perm.to(torch.int32),
+            "range_min": mn.half(),
+            "range_max": mx.half(),
+        }
+        if group_of_column is not None:
+            tensors["group_index"] = group_of_column[perm].to(torch.int32)
+        packed = fmt.BaqWeight(m, tensors)
     return BaqLinear.from_packed(packed, None if bias is None else bias.to(dtype)).to(device)
 
 
@@ -243,9 +242,9 @@ def _compile_jobs(jobs: list[tuple]) -> int:
     for m, n, bits, group_size, seed, rows, kernel, block_n, block_k, warps in jobs:
         key = (m, n, bits, group_size, seed)
         if key not in layers:
-            layers[key] = kernel_layout(
-                random_baq_linear(m, n, bits, group_size=group_size, seed=seed, device=dev)
-            )
+            layers[key] = random_baq_linear(
+                m, n, bits, group_size=group_size, seed=seed, device=dev
+            ).kernel_layout()
         x = torch.randn(rows, n, device=dev, dtype=torch.float16)
         launch = tk.gemv if kernel == "gemv" else tk.tile_matmul
         launch(x, layers[key], None, block_n=block_n, block_k=block_k, num_warps=warps)
@@ -306,7 +305,7 @@ def tune(shapes, args, t_us, dev) -> tuple[dict, list[dict]]:
         layer = random_baq_linear(
             m, n, args.tune_bits, group_size=args.group_size, seed=args.seed, device=dev
         )
-        layout = kernel_layout(layer)
+        layout = layer.kernel_layout()
         for bucket, cands in sweep_configs(layout.grouped, args.sweep_every).items():
             x = torch.randn(bucket, n, device=dev, dtype=torch.float16)
             timed = []
@@ -349,7 +348,7 @@ def bench_layer(name: str, m: int, n: int, bits: float, args, peak: float | None
     from baq_hf.kernels import triton_kernels as tk
 
     layer = random_baq_linear(m, n, bits, group_size=args.group_size, seed=args.seed, device=dev)
-    layout = kernel_layout(layer)
+    layout = layer.kernel_layout()
     if not args.no_check:
         check(layer, layout)
     w16 = layer.dequantize(torch.float16)
@@ -402,7 +401,7 @@ def graph_replay(args, peak: float | None, t_us, dev, n_blocks: int) -> dict:
         for i, (m, n) in enumerate(shapes)
     ]
     baq = [copy.deepcopy(lay) for _ in range(n_blocks) for lay in base]
-    layouts = [kernel_layout(lay) for lay in baq]
+    layouts = [lay.kernel_layout() for lay in baq]
     xs = [torch.randn(1, lay.in_features, device=dev, dtype=torch.float16) for lay in baq]
     dense = [
         torch.randn(lay.out_features, lay.in_features, device=dev, dtype=torch.float16) * 0.02 for lay in baq

@@ -29,23 +29,28 @@ def packed_layer(m: int, n: int, group_size: int, bits: list[int], seed: int, ze
         mx = mn + 0.01 + torch.rand(m, n_groups, generator=g)
     b = torch.tensor(bits)
     codes = torch.stack([torch.randint(0, 1 << int(r), (m,), generator=g) for r in b], dim=1)
-    return fmt.pack_weight(codes, b, mn, mx, group_of)
+    return fmt.BaqWeight.pack(codes, b, mn, mx, group_of)
 
 
-def reference_and_scale(p: fmt.PackedWeight, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    m, n = p.shape
-    stored_bits = fmt.unpack_header(p.bits_header, n)
-    w = fmt.dequantize_weight(p.qweight, stored_bits, p.perm, p.range_min, p.range_max, p.group_index, m)
+def weight_and_bound(p: fmt.BaqWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """W and ``max(D, |W|)`` per weight (fp64), what the CPU product's error scales with."""
+    m, n = p.out_features, p.in_features
+    w = p.dequantize().double()
     gi = p.group_index.long() if p.group_index is not None else torch.zeros(n, dtype=torch.long)
     d = torch.empty(m, n, dtype=torch.float64)
     d[:, p.perm.long()] = (p.range_max.double() - p.range_min.double())[:, gi]
-    xd = x.double().reshape(-1, n)
-    return xd @ w.double().t(), xd.abs() @ torch.maximum(d, w.double().abs()).t()
+    return w, torch.maximum(d, w.abs())
 
 
-def check(p: fmt.PackedWeight, rows: int, dtype: torch.dtype, seed: int, bias: bool = False) -> None:
-    m, n = p.shape
-    layout = build_cpu_layout(p.qweight, p.bits_header, p.perm, p.range_min, p.range_max, p.group_index, m)
+def reference_and_scale(p: fmt.BaqWeight, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w, bound = weight_and_bound(p)
+    xd = x.double().reshape(-1, p.in_features)
+    return xd @ w.t(), xd.abs() @ bound.t()
+
+
+def check(p: fmt.BaqWeight, rows: int, dtype: torch.dtype, seed: int, bias: bool = False) -> None:
+    m, n = p.out_features, p.in_features
+    layout = build_cpu_layout(p)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, n, generator=g).to(dtype)
     b = torch.randn(m, generator=g) if bias else None
@@ -89,14 +94,44 @@ def test_ranges_without_zero_and_many_rows(dtype):
 
 def test_all_zero_bits_and_leading_shape():
     p = packed_layer(20, 12, -1, [0] * 12, seed=6)
-    layout = build_cpu_layout(p.qweight, p.bits_header, p.perm, p.range_min, p.range_max, None, 20)
+    layout = build_cpu_layout(p)
     bias = torch.randn(20)
     y = cpu_linear(torch.randn(2, 3, 12), layout, bias)
     assert y.shape == (2, 3, 20) and torch.equal(y, bias.expand(2, 3, 20))
     q = packed_layer(64, 32, -1, [3] * 32, seed=7)
-    layout = build_cpu_layout(q.qweight, q.bits_header, q.perm, q.range_min, q.range_max, None, 64)
+    layout = build_cpu_layout(q)
     x = torch.randn(2, 3, 32)
     assert torch.equal(cpu_linear(x, layout), cpu_linear(x.reshape(6, 32), layout).reshape(2, 3, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("bits", "rows", "zero_in_range"),
+    [
+        ([1, 2, 3, 4, 5, 6, 7, 8] * 8, 3, False),
+        ([0, 2, 3, 3] * 16, INT4_MAX_ROWS + 5, True),
+        ([0] * 64, 2, True),
+    ],
+)
+def test_backward_is_grad_times_w(bits, rows, zero_in_range, dtype):
+    """The backward to x is ``grad @ W`` within the forward's accuracy (same products, transposed), the
+    bias gets ``grad.sum``, and the packed tensors get nothing (they are not inputs of the product)."""
+    p = packed_layer(96, 64, 32, bits, seed=9, zero_in_range=zero_in_range)
+    layout = build_cpu_layout(p)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, rows, 64, generator=g).to(dtype).requires_grad_()
+    bias = torch.randn(96, generator=g).requires_grad_()
+    grad = torch.randn(2, rows, 96, generator=g).to(dtype)
+    y = cpu_linear(x, layout, bias)
+    y.backward(grad)
+    assert x.grad.dtype == dtype and x.grad.shape == x.shape
+    w, bound = weight_and_bound(p)
+    ref, scale = grad.double() @ w, grad.double().abs() @ bound
+    err = (x.grad.double() - ref).abs()
+    assert bool((err <= TOL[dtype] * scale + 1e-30).all()), float((err / scale.clamp(min=1e-30)).max())
+    torch.testing.assert_close(bias.grad, grad.float().sum((0, 1)))
+    with torch.no_grad():  # without a gradient needed, the same product as before
+        assert torch.equal(cpu_linear(x, layout, bias), y.detach())
 
 
 def test_resident_bytes_at_3_bits():
@@ -105,5 +140,5 @@ def test_resident_bytes_at_3_bits():
     per 32 columns and row (0.19); the SmolLM2 checkpoint measures 0.88 over all layers."""
     bits = [2] * 150 + [3] * 300 + [4] * 120 + [5] * 6
     p = packed_layer(256, 576, 64, bits, seed=8)
-    layout = build_cpu_layout(p.qweight, p.bits_header, p.perm, p.range_min, p.range_max, p.group_index, 256)
+    layout = build_cpu_layout(p)
     assert layout.nbytes() <= 1.125 * 256 * 576

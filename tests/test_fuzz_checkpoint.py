@@ -41,12 +41,12 @@ from .conftest import tiny_model  # noqa: E402
 CLEAN_ERRORS = (ValueError, RuntimeError, OSError, SafetensorError)
 DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"]
 ITEMSIZE = dict(F64=8, F32=4, F16=2, BF16=2, I64=8, I32=4, I16=2, I8=1, U8=1, BOOL=1)
-BAQ_TENSORS = ("weight", "bits_header", "perm", "range_min", "range_max", "group_index")
+BAQ_TENSORS = tuple(n for n in fmt.TENSOR_NAMES if n != fmt.BIAS)  # the declared packed tensors
 
 try:
     import triton  # noqa: F401
 
-    from baq_hf.kernels import dequantize_triton, kernel_layout
+    from baq_hf.kernels import dequantize as dequantize_kernel
     from baq_hf.kernels.triton_kernels import dequantize as dequantize_layout
 
     KERNELS = not _STALE_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
@@ -202,9 +202,9 @@ def guard_layout(layout) -> None:
 def check_kernel(layer: BaqLinear) -> None:
     """The kernel layout of a loaded layer, its tensors between guards, dequantizes exactly."""
     ref = layer.dequantize()
-    layout = kernel_layout(layer)
+    layout = layer.kernel_layout()
     guard_layout(layout)
-    assert torch.equal(dequantize_triton(layer, torch.float32), ref)  # through the guarded layout
+    assert torch.equal(dequantize_kernel(layer.kernel_layout(), torch.float32), ref)  # the guarded layout
 
 
 def load_and_run(folder: Path, kernels: bool) -> bool:
@@ -279,7 +279,7 @@ def test_kernel_guard_detects_out_of_bounds_reads(source):
     assert load_and_run(source, kernels=True)
     layer = model.model.layers[0].mlp.down_proj
     ref = layer.dequantize()
-    layout = kernel_layout(layer)
+    layout = layer.kernel_layout()
     layout.codes = layout.codes[:-1].clone()  # a layout missing its last word row: the kernel overruns
     guard_layout(layout)
     assert not torch.equal(dequantize_layout(layout, torch.float32), ref)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from baq_hf import clipping
-from baq_hf.format import fit_range, pack_weight
+from baq_hf.format import fit_range
 from baq_hf.gptq import (
     HessianAccumulator,
     SolverSpec,
@@ -101,7 +101,7 @@ def test_packed_layer_dequantizes_to_solver_output_bit_for_bit(allocation, group
         bits=3, allocation=allocation, group_size=group_size, act_order=True, clip_search=clip_search
     )
     r = quantize_weight(w, h, cfg)
-    layer = BaqLinear.from_packed(pack_weight(r.codes, r.bits, r.range_min, r.range_max, r.group_of_column))
+    layer = BaqLinear.from_packed(r.pack())
     layer.validate("test")
     assert torch.equal(layer.dequantize(), r.q)
     assert torch.equal(layer.column_bits(), r.bits)
@@ -140,7 +140,7 @@ def test_indefinite_hessian_retries_with_more_damping():
     w, h, _ = layer_problem()
     h = h - 1.5 * torch.eye(h.shape[0]) * torch.diag(h).mean()  # indefinite, diag still mostly positive
     h[range(h.shape[0]), range(h.shape[0])] = torch.diag(h).abs() + 1e-3
-    prep = prepare(w, h, 0.01, False)
+    prep = prepare(w, h, SolverSpec(bits=2))
     assert torch.isfinite(prep.u).all()
 
 
@@ -148,7 +148,7 @@ def test_hopeless_hessian_gives_a_clear_error():
     w, _, _ = layer_problem()
     h = -torch.ones(96, 96)
     with pytest.raises(ValueError, match="not positive definite"):
-        prepare(w, h, 0.01, False, name="blk.o_proj")
+        prepare(w, h, SolverSpec(bits=2), name="blk.o_proj")
 
 
 @pytest.mark.parametrize("group_size", [-1, 32])
@@ -209,7 +209,7 @@ def test_group_ranges_see_the_pending_updates_of_their_block():
 def test_rows_where_clipping_broke_gptq_fall_back_to_min_max_ranges():
     w, h, _ = layer_problem(seed=6)
     spec = SolverSpec(bits=3, clip_search=True)
-    prep = prepare(w, h, 0.01, False)
+    prep = prepare(w, h, SolverSpec(bits=2))
     bits = torch.full((w.shape[1],), 3)
     clipped = solve(prep, bits, spec)
     kept = clipped.q.clone()

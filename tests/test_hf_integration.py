@@ -187,7 +187,7 @@ def test_unquantized_tensors_are_saved_in_16_bits(quantized, arch):
         f"{name}.{t}"
         for name, m in model.named_modules()
         if isinstance(m, BaqLinear)
-        for t in m.layout.specs()
+        for t in (spec.name for spec in m.weight_shape.specs())
     }
     assert {dtypes[k] for k in dtypes if k.endswith((".range_min", ".range_max"))} == {"F16"}
     assert {dtypes[k] for k in dtypes if k not in packed or k.endswith(".bias")} == {"BF16"}
@@ -245,3 +245,15 @@ def test_dequantize_after_quantizing_and_saving_gives_the_same_logits(tiny_check
         dense = model.dequantize()(ids).logits
     assert not any(isinstance(m, BaqLinear) for m in model.modules())
     assert torch.equal(packed, dense)
+
+
+def test_a_group_as_wide_as_the_row_is_stored_per_row(tiny_checkpoints, tmp_path):
+    """group_size == in_features (64 here; down_proj's 96 skipped) is one range per row, and reloads."""
+    model = quantize(tiny_checkpoints["llama"], bits=3, group_size=64, modules_to_not_convert=["down_proj"])
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, BaqLinear) and layer.in_features == 64 and layer.group_size == -1
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor(calibration_ids(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)

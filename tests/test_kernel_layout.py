@@ -62,11 +62,18 @@ def layout_codes(layout) -> torch.Tensor:
     return out
 
 
+def weight_of(layer: tuple) -> fmt.BaqWeight:
+    """The packed weight of a drawn layer (stored tensors and the number of rows)."""
+    qweight, header, perm, rmin, rmax, gidx, m = layer
+    tensors = {"weight": qweight, "bits_header": header, "perm": perm, "range_min": rmin, "range_max": rmax}
+    return fmt.BaqWeight(m, {**tensors, "group_index": gidx})
+
+
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(layer=stored_layers())
 def test_layout_round_trip_is_exact(layer):
     qweight, header, perm, rmin, rmax, gidx, m = layer
-    layout = build_layout(qweight, header, perm, rmin, rmax, gidx, m)
+    layout = build_layout(weight_of(layer))
     stored_bits = fmt.unpack_header(header, perm.numel())
     segments = fmt.segments_from_bits(stored_bits, m)
     # the layout holds the stored codes
@@ -81,7 +88,7 @@ def test_layout_round_trip_is_exact(layer):
     if gidx is not None:
         assert torch.equal(back.group_index, gidx)
     # layout -> stored -> layout is the identity too
-    again = build_layout(*back, m)
+    again = build_layout(back)
     assert torch.equal(again.codes, layout.codes) and again.pad_bits == layout.pad_bits
     # words past a row's last code are 0: the layout is as small as whole words allow
     per_row = sum(fmt.words_for(s.n_cols * s.bits) for s in segments)
@@ -91,8 +98,8 @@ def test_layout_round_trip_is_exact(layer):
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(layer=stored_layers(), block_runs=st.sampled_from([1, 2, 4]))
 def test_tile_table_covers_each_column_once(layer, block_runs):
-    qweight, header, perm, rmin, rmax, gidx, m = layer
-    layout = build_layout(qweight, header, perm, rmin, rmax, gidx, m)
+    _, header, perm, *_ = layer
+    layout = build_layout(weight_of(layer))
     block_k = RUN * block_runs
     for with_zero in (False, True):
         table, n_tiles = layout.tile_table(block_k, with_zero_bits=with_zero)
@@ -121,13 +128,17 @@ def test_grid_bounds_match_format_grid():
 
 def test_layout_rejects_bad_block_k():
     layout = build_layout(
-        torch.zeros(1, dtype=torch.int32),
-        fmt.pack_header(torch.tensor([1])),
-        torch.zeros(1, dtype=torch.int32),
-        torch.zeros(2, 1).half() - 1,
-        torch.ones(2, 1).half(),
-        None,
-        2,
+        weight_of(
+            (
+                torch.zeros(1, dtype=torch.int32),
+                fmt.pack_header(torch.tensor([1])),
+                torch.zeros(1, dtype=torch.int32),
+                torch.zeros(2, 1).half() - 1,
+                torch.ones(2, 1).half(),
+                None,
+                2,
+            )
+        )
     )
     for bad in (0, 48):
         with pytest.raises(ValueError, match="multiple of 32"):

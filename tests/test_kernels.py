@@ -31,18 +31,25 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton")
 
 from baq_hf import format as fmt  # noqa: E402
-from baq_hf.format import pack_weight  # noqa: E402
-from baq_hf.kernels import (  # noqa: E402
-    baq_linear_forward,
-    configs,
-    dequantize_triton,
-    kernel_layout,
-    prepare,
-)
+from baq_hf import kernels  # noqa: E402
+from baq_hf.kernels import configs  # noqa: E402
 from baq_hf.kernels import triton_kernels as tk  # noqa: E402
-from baq_hf.linear import FORCE_TORCH_ENV, BaqLinear  # noqa: E402
+from baq_hf.linear import FORCE_TORCH_ENV, BaqLinear, prepare_kernel_layouts  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_layout(layer: BaqLinear) -> kernels.KernelLayout:
+    return layer.kernel_layout()
+
+
+def baq_linear_forward(x: torch.Tensor, layer: BaqLinear) -> torch.Tensor:
+    """The kernel path of BaqLinear.forward (which takes it on CUDA only), on any device."""
+    return kernels.linear(x, layer.kernel_layout(), layer.bias)
+
+
+def dequantize_triton(layer: BaqLinear, dtype: torch.dtype) -> torch.Tensor:
+    return kernels.dequantize(layer.kernel_layout(), dtype)
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -76,7 +83,7 @@ def make_layer(
         mx = torch.empty(m, n_groups, dtype=torch.float16)
         for gi in range(n_groups):
             mn[:, gi], mx[:, gi] = fmt.fit_range(w[:, group_of_column == gi], sym=False)
-    packed = pack_weight(codes, bits, mn, mx, group_of_column)
+    packed = fmt.BaqWeight.pack(codes, bits, mn, mx, group_of_column)
     b = torch.randn(m, generator=g).half() if bias else None
     return BaqLinear.from_packed(packed, b).to(device)
 
@@ -264,7 +271,7 @@ def test_layout_cached_and_rebuilt_after_changes() -> None:
     lay = make_layer(4, 33, _random_bits(33, [1, 2, 3], 7))
     layout = kernel_layout(lay)
     assert kernel_layout(lay) is layout
-    assert prepare(torch.nn.Sequential(lay)) == (DEVICE.type == "cuda")  # CUDA layers only
+    assert prepare_kernel_layouts(torch.nn.Sequential(lay)) == (DEVICE.type == "cuda")  # CUDA layers only
     assert kernel_layout(lay) is layout
     # new stored tensors (as after loading another checkpoint into the module) give a new layout
     other = make_layer(4, 33, _random_bits(33, [1, 2, 3], 7), seed=8)
@@ -327,10 +334,42 @@ def test_torch_op_and_fake_tensors() -> None:
     assert_close_to_reference(torch.ops.baq_hf.linear(x, lay.bias, layout.op_key), x, lay)
 
 
+@pytest.mark.parametrize(("name", "rows"), [("mixed", 3), ("grouped_shuffled", 20), ("zero_only", 2)])
+def test_backward_to_the_input(name: str, rows: int) -> None:
+    """With x (and the bias) needing a gradient the product goes through the op, whose backward is
+    ``grad @ W`` (W from the Triton dequantizer); nothing reaches the packed tensors."""
+    lay = layer(name)
+    layout = kernel_layout(lay)
+    x = torch.randn(2, rows, lay.in_features, device=DEVICE, requires_grad=True)
+    bias = torch.randn(lay.out_features, device=DEVICE, requires_grad=True)
+    grad = torch.randn(2, rows, lay.out_features, device=DEVICE)
+    kernels.linear(x, layout, bias).backward(grad)
+    w = lay.dequantize(torch.float32).to(DEVICE)
+    torch.testing.assert_close(x.grad, grad @ w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.grad, grad.sum((0, 1)))
+    assert all(not t.requires_grad and t.grad is None for t in lay.buffers())
+    torch.library.opcheck(
+        torch.ops.baq_hf.linear.default,
+        (x.detach().requires_grad_(), lay.bias, layout.op_key),
+        test_utils=("test_autograd_registration",),
+    )
+
+
+def test_backward_under_compile() -> None:
+    """torch.compile traces the op's autograd (one graph, the backward through the dequantizer)."""
+    lay = layer("grouped")
+    layout = kernel_layout(lay)
+    compiled = torch.compile(lambda x: kernels.linear(x, layout, None), fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, lay.in_features, device=DEVICE, requires_grad=True)
+    compiled(x).sum().backward()
+    w = lay.dequantize(torch.float32).to(DEVICE)
+    torch.testing.assert_close(x.grad, w.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+
+
 def test_compiles_without_graph_breaks() -> None:
     """torch.compile traces BaqLinear's kernel forward in one graph (fullgraph), through the op."""
     lay = layer("grouped")
-    kernel_layout(lay)  # built before compiling, as prepare() does on a GPU
+    kernel_layout(lay)  # built before compiling, as prepare_kernel_layouts() does on a GPU
     compiled = torch.compile(lambda x: baq_linear_forward(x, lay) * 2, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, lay.in_features, device=DEVICE).half()
     y = compiled(x)
@@ -454,7 +493,7 @@ class TestGpu:
 
     def test_compile_reduce_overhead(self, big: dict[str, BaqLinear]) -> None:
         lay = big["rows"]
-        prepare(torch.nn.Sequential(lay))
+        prepare_kernel_layouts(torch.nn.Sequential(lay))
         fn = torch.compile(lambda x: lay(x), mode="reduce-overhead", fullgraph=True)
         for _ in range(3):
             x = torch.randn(1, lay.in_features, device="cuda").half()

@@ -12,11 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import lm_eval
 import pytest
 import torch
-from lm_eval import simple_evaluate
-from lm_eval.tasks import TaskManager
 from transformers import AutoModelForCausalLM
 
 from baq_hf import BaqConfig, BaqLinear, cli, data
@@ -30,6 +27,10 @@ from baq_hf.zeroshot import (
 
 from .conftest import SHARED_DATA, calibration_ids, tiny_model
 from .test_cli import make_tokenizer
+
+lm_eval = pytest.importorskip("lm_eval", reason="the zeroshot extra is absent: pip install -e '.[zeroshot]'")
+simple_evaluate = lm_eval.simple_evaluate
+TaskManager = pytest.importorskip("lm_eval.tasks").TaskManager
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -203,7 +204,8 @@ def test_cli_scores_equal_lm_evals_own_run(tiny_folder, task_data, tmp_path, cap
 
 
 def test_baq_model_scores_are_the_same_dequantized_or_not(tiny_folder, task_data, tmp_path, capsys):
-    """The CLI dequantizes BaqLinear once on the CPU for speed; the scores equal the packed model's."""
+    """The CLI dequantizes BaqLinear once on the CPU for speed; the scores equal the packed model's up
+    to fp32 rounding (the packed layers' CPU product regroups the dense matmul's sums)."""
     tokenizer = make_tokenizer()
     config = BaqConfig(bits=3, dataset=calibration_ids(8, 32), num_samples=8, seqlen=32)
     quantized = AutoModelForCausalLM.from_pretrained(tiny_folder, quantization_config=config)
@@ -225,7 +227,9 @@ def test_baq_model_scores_are_the_same_dequantized_or_not(tiny_folder, task_data
     packed = AutoModelForCausalLM.from_pretrained(folder)
     assert any(isinstance(m, BaqLinear) for m in packed.modules())
     direct = evaluate_zeroshot(packed, tokenizer, ["piqa", "lambada_openai"], task_data=task_data, limit=3)
-    assert via_cli["metrics"] == direct.metrics
+    assert via_cli["metrics"].keys() == direct.metrics.keys()
+    for task, metrics in direct.metrics.items():
+        assert via_cli["metrics"][task] == pytest.approx(metrics, rel=1e-4), task
     assert via_cli["n_items"] == direct.n_items == {"piqa": 3, "lambada_openai": 3}
     assert via_cli["settings"]["limit"] == 3
 

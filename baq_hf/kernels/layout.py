@@ -26,8 +26,9 @@ multiple of 32, so tiles start on a run) that never cross a segment: the kernels
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
@@ -54,17 +55,6 @@ class LayoutSegment:
     def n_word_rows(self) -> int:
         """Words per output row: ceil(n_cols * bits / 32)."""
         return fmt.words_for(self.n_cols * self.bits)
-
-
-class StoredTensors(NamedTuple):
-    """The stored-format tensors of one BaqLinear (names as in the checkpoint, ``qweight`` = ``weight``)."""
-
-    qweight: torch.Tensor
-    bits_header: torch.Tensor
-    perm: torch.Tensor
-    range_min: torch.Tensor
-    range_max: torch.Tensor
-    group_index: torch.Tensor | None
 
 
 @dataclass(eq=False)
@@ -165,34 +155,28 @@ def grid_bounds(range_min: torch.Tensor, range_max: torch.Tensor, widths: list[i
     return max_zero, max_qz
 
 
-def build_layout(
-    qweight: torch.Tensor,
-    bits_header: torch.Tensor,
-    perm: torch.Tensor,
-    range_min: torch.Tensor,
-    range_max: torch.Tensor,
-    group_index: torch.Tensor | None,
-    out_features: int,
-) -> KernelLayout:
-    """The kernel layout of validated stored tensors, on ``qweight``'s device (see the module doc).
+def build_layout(weight: fmt.BaqWeight) -> KernelLayout:
+    """The kernel layout of a validated packed weight, on its device (see the module doc).
 
     Only ``codes`` is a new tensor; the others are the stored tensors themselves, referenced.
     """
+    qweight, bits_header, perm = weight.qweight, weight.bits_header, weight.perm
+    range_min, range_max, group_index = weight.range_min, weight.range_max, weight.group_index
+    out_features = weight.out_features
     device = qweight.device
     m = out_features
     n = perm.numel()
-    stored_bits = fmt.unpack_header(bits_header.cpu(), n)
     layout_segments = []
     pad_bits = []
     word_row = 0
-    for seg in fmt.segments_from_bits(stored_bits, m):
+    for seg in weight.segments:
         ls = LayoutSegment(seg.bits, seg.col_start, seg.n_cols, word_row)
         layout_segments.append(ls)
         if seg.bits:
             word_row += ls.n_word_rows
             pad_bits.append(_pad_bits_of(qweight, seg, m))
     codes = torch.zeros(word_row, m, dtype=torch.int32, device=device)
-    for ls, seg in zip(layout_segments, fmt.segments_from_bits(stored_bits, m), strict=True):
+    for ls, seg in zip(layout_segments, weight.segments, strict=True):
         if ls.bits:
             _realign_segment(qweight, seg, ls, m, codes)
     widths = sorted({s.bits for s in layout_segments if s.bits})
@@ -222,16 +206,30 @@ def stored_qweight(layout: KernelLayout) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32, device=layout.device)
 
 
-def stored_tensors(layout: KernelLayout) -> StoredTensors:
-    """The exact inverse of :func:`build_layout`: the stored tensors, on the layout's device."""
-    return StoredTensors(
-        qweight=stored_qweight(layout),
-        bits_header=layout.bits_header,
-        perm=layout.colmap,
-        range_min=layout.range_min,
-        range_max=layout.range_max,
-        group_index=layout.group_of,
-    )
+def stored_tensors(layout: KernelLayout) -> fmt.BaqWeight:
+    """The exact inverse of :func:`build_layout`: the packed weight, on the layout's device."""
+    tensors = {
+        "weight": stored_qweight(layout),
+        fmt.HEADER_TENSOR: layout.bits_header,
+        "perm": layout.colmap,
+        "range_min": layout.range_min,
+        "range_max": layout.range_max,
+        "group_index": layout.group_of,
+    }
+    return fmt.BaqWeight(layout.out_features, tensors)
+
+
+# Layouts by the int key that torch.ops.baq_hf.linear receives (an op's arguments can only be tensors and
+# scalars); held weakly, since each layer owns its layout.
+LAYOUTS: weakref.WeakValueDictionary[int, KernelLayout] = weakref.WeakValueDictionary()
+_KEYS = itertools.count(1)
+
+
+def register_layout(layout: KernelLayout) -> KernelLayout:
+    """Give ``layout`` a fresh op key under which ``torch.ops.baq_hf.linear`` finds it."""
+    layout.op_key = next(_KEYS)
+    LAYOUTS[layout.op_key] = layout
+    return layout
 
 
 # ----------------------------------------------------------------------------------------------

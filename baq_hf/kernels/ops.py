@@ -5,8 +5,8 @@ one row of a per-row layer, the tile kernel for 1-16 rows, unless a tuned table 
 above 16 rows dequantizes W^T (coalesced writes) for one matmul. It allocates y and
 launches one kernel. ``torch.ops.baq_hf.linear`` wraps it as an opaque custom op with a fake
 implementation, so that ``torch.compile`` traces a model through BaqLinear without graph breaks and
-CUDA graphs capture it; the op finds the layout by its key in ``baq_hf.kernels.LAYOUTS`` (an int),
-since the op's arguments can only be tensors and scalars. In eager mode :func:`baq_linear_forward` calls
+CUDA graphs capture it; the op finds the layout by its key in ``baq_hf.kernels.layout.LAYOUTS`` (an int),
+since the op's arguments can only be tensors and scalars. In eager mode :func:`baq_hf.kernels.linear` calls
 :func:`linear` directly and skips the dispatcher.
 """
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from . import LAYOUTS, configs
+from . import configs
 from . import triton_kernels as tk
-from .layout import KernelLayout
+from .layout import LAYOUTS, KernelLayout
 
 
 def _config(layout: KernelLayout, rows: int, dtype: torch.dtype) -> configs.KernelConfig:
@@ -40,7 +40,7 @@ def _config(layout: KernelLayout, rows: int, dtype: torch.dtype) -> configs.Kern
 
 
 def linear(x: torch.Tensor, layout: KernelLayout, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x W^T + b (x's dtype, last dimension ``out_features``); inference only, no autograd."""
+    """y = x W^T + b (x's dtype, last dimension ``out_features``), no autograd (the op has it)."""
     n, m = layout.in_features, layout.out_features
     if x.shape[-1] != n:
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {n}")
@@ -73,3 +73,40 @@ def linear_op(x: torch.Tensor, bias: torch.Tensor | None, layout_key: int) -> to
 @linear_op.register_fake
 def _linear_fake(x: torch.Tensor, bias: torch.Tensor | None, layout_key: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], LAYOUTS[layout_key].out_features)
+
+
+@torch.library.custom_op("baq_hf::dequantize", mutates_args=())
+def dequantize_op(layout_key: int, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.ops.baq_hf.dequantize``: W (out x in) of the layout under ``layout_key`` (the backward of
+    ``baq_hf::linear``, opaque to compile like the forward)."""
+    return tk.dequantize(LAYOUTS[layout_key], dtype)
+
+
+@dequantize_op.register_fake
+def _dequantize_fake(layout_key: int, dtype: torch.dtype) -> torch.Tensor:
+    layout = LAYOUTS[layout_key]
+    return torch.empty(layout.out_features, layout.in_features, dtype=dtype, device=layout.device)
+
+
+def _linear_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x, bias, layout_key = inputs
+    ctx.layout = LAYOUTS[layout_key]  # kept alive for the backward (LAYOUTS holds layouts weakly)
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    """``grad @ W`` with W from the Triton dequantizer (a temporary: nothing of W is kept between the
+    passes); no gradient into the packed tensors, which are not inputs of the op."""
+    layout = ctx.layout
+    g2 = grad.reshape(-1, layout.out_features)
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = torch.ops.baq_hf.dequantize(layout.op_key, g2.dtype)
+        grad_x = (g2 @ w).to(ctx.x_dtype).reshape(ctx.x_shape)
+    if ctx.needs_input_grad[1]:
+        grad_bias = g2.float().sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_bias, None
+
+
+linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
