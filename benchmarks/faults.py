@@ -449,7 +449,7 @@ def load_layers(folder: Path, expected: dict[str, Any]) -> dict[str, Any]:
     for key, infos in layout.items():
         if key not in expected:
             raise ValueError(f"the checkpoint quantizes {key!r}, which this model does not have")
-        fmt.PackedLayout.from_shapes({t: i.shape for t, i in infos.items()}, key, expected[key])
+        fmt.WeightShape.from_shapes({t: i.shape for t, i in infos.items()}, key, expected[key])
         layers[key] = BaqLinear.from_tensors({t: tensors[f"{key}.{t}"] for t in infos}, key)
     return layers
 
@@ -512,7 +512,7 @@ def fuzz_case(i: int, seed: int, source: Path, scratch: Path, ref: dict[str, Any
         touched = {d.split(" ", 3)[-1] for d in descs if d.startswith(("flip bits in ", "randomize "))}
         if not changed:
             case["outcome"] = "loaded, identical"
-        elif all(c.split(" ")[0] in touched for c in changed):
+        elif all(c.split(" ")[0] in touched for c in changed if c != "logits not finite"):
             case["outcome"] = "loaded, differs: values of flipped/randomized tensors"
         else:
             case["outcome"] = "loaded, differs: UNEXPLAINED (the loader missed a change)"
