@@ -46,7 +46,8 @@ def cli_run(tmp_path_factory):
     "anchor, where",
     [
         ("file:block_00000.safetensors", "GPTQ of block 1"),
-        ("file:.tmp#2", "safetensors writing hidden_00001"),
+        # a kill inside a temporary safetensors file (".tmp#2") is in benchmarks/faults.py only: the file
+        # lives for milliseconds, so a polling watcher misses it on a loaded machine (a flaky CI case)
         ("file:.out.incomplete", "the final save"),
     ],
 )
