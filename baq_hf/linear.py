@@ -39,6 +39,7 @@ class BaqLinear(nn.Module):
         group_size: int = -1,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        rotated: bool = False,
     ):
         super().__init__()
         if group_size != -1 and (group_size <= 0 or in_features % group_size):
@@ -48,8 +49,8 @@ class BaqLinear(nn.Module):
             )
         self.in_features = in_features
         self.out_features = out_features
-        self.group_size = group_size
-        shape = fmt.WeightShape.of(out_features, in_features, n_words, group_size, bias)
+        shape = fmt.WeightShape.of(out_features, in_features, n_words, group_size, bias, rotated)
+        self.group_size = shape.group_size  # -1 also for one group as wide as the row
         # The packed codes are stored under the name "weight" on purpose: loading a BAQ checkpoint
         # without `import baq_hf` then fails loudly on a shape mismatch instead of silently
         # initializing random Linear weights (transformers skips unknown quantization methods).
@@ -87,6 +88,7 @@ class BaqLinear(nn.Module):
             group_size=shape.group_size,
             dtype=bias_dtype,
             device=device,
+            rotated=shape.rotated,
         )
 
     @classmethod
@@ -264,12 +266,20 @@ class BaqLinear(nn.Module):
     # ------------------------------------------------------------------ compute
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight (out x in), exactly as GPTQ produced it (computed in fp32)."""
+        """The dense weight (out x in), exactly as GPTQ produced it (computed in fp32); for a rotated
+        layer the rotated weight W' that acts on R x (see :meth:`effective_weight`)."""
         return self.baq_weight.dequantize(dtype)
 
+    def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight that acts on the layer's inputs as they come (W' R when rotated)."""
+        return self.baq_weight.effective_weight(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """CUDA: the Triton kernels; CPU: the CPU layout's product; else (or with BAQ_HF_FORCE_TORCH=1)
-        the reference: dequantize, then ``F.linear``."""
+        """A rotated layer first rotates x (R x, on every path); then CUDA: the Triton kernels; CPU: the
+        CPU layout's product; else (or with BAQ_HF_FORCE_TORCH=1) the reference: dequantize, ``F.linear``."""
+        rotation = self.baq_weight.rotation
+        if rotation is not None:
+            x = rotation.apply(x)
         if not os.environ.get(FORCE_TORCH_ENV):
             if x.is_cuda:
                 return kernels.linear(x, self.kernel_layout(), self.bias)

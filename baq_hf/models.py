@@ -113,6 +113,15 @@ def _default_model_dir() -> Path:
     return cache_root() / SMOLLM2_FOLDER
 
 
+def smollm2_cached() -> bool:
+    """Whether the embedded model is already converted (else the next :func:`smollm2_path` takes ~1 min)."""
+    try:
+        gguf = smollm2_gguf()
+    except (ImportError, FileNotFoundError, OSError):
+        return True  # nothing to convert: smollm2_path will say what is missing at once
+    return _is_complete(_default_model_dir(), _MODEL_FILES, _source_record(gguf, "model"))
+
+
 def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     """Return a local safetensors folder holding SmolLM2-135M-Instruct (model and tokenizer).
 

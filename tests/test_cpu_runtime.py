@@ -32,14 +32,20 @@ def packed_layer(m: int, n: int, group_size: int, bits: list[int], seed: int, ze
     return fmt.BaqWeight.pack(codes, b, mn, mx, group_of)
 
 
-def reference_and_scale(p: fmt.BaqWeight, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_and_bound(p: fmt.BaqWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """W and ``max(D, |W|)`` per weight (fp64), what the CPU product's error scales with."""
     m, n = p.out_features, p.in_features
-    w = p.dequantize()
+    w = p.dequantize().double()
     gi = p.group_index.long() if p.group_index is not None else torch.zeros(n, dtype=torch.long)
     d = torch.empty(m, n, dtype=torch.float64)
     d[:, p.perm.long()] = (p.range_max.double() - p.range_min.double())[:, gi]
-    xd = x.double().reshape(-1, n)
-    return xd @ w.double().t(), xd.abs() @ torch.maximum(d, w.double().abs()).t()
+    return w, torch.maximum(d, w.abs())
+
+
+def reference_and_scale(p: fmt.BaqWeight, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w, bound = weight_and_bound(p)
+    xd = x.double().reshape(-1, p.in_features)
+    return xd @ w.t(), xd.abs() @ bound.t()
 
 
 def check(p: fmt.BaqWeight, rows: int, dtype: torch.dtype, seed: int, bias: bool = False) -> None:
@@ -96,6 +102,36 @@ def test_all_zero_bits_and_leading_shape():
     layout = build_cpu_layout(q)
     x = torch.randn(2, 3, 32)
     assert torch.equal(cpu_linear(x, layout), cpu_linear(x.reshape(6, 32), layout).reshape(2, 3, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("bits", "rows", "zero_in_range"),
+    [
+        ([1, 2, 3, 4, 5, 6, 7, 8] * 8, 3, False),
+        ([0, 2, 3, 3] * 16, INT4_MAX_ROWS + 5, True),
+        ([0] * 64, 2, True),
+    ],
+)
+def test_backward_is_grad_times_w(bits, rows, zero_in_range, dtype):
+    """The backward to x is ``grad @ W`` within the forward's accuracy (same products, transposed), the
+    bias gets ``grad.sum``, and the packed tensors get nothing (they are not inputs of the product)."""
+    p = packed_layer(96, 64, 32, bits, seed=9, zero_in_range=zero_in_range)
+    layout = build_cpu_layout(p)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, rows, 64, generator=g).to(dtype).requires_grad_()
+    bias = torch.randn(96, generator=g).requires_grad_()
+    grad = torch.randn(2, rows, 96, generator=g).to(dtype)
+    y = cpu_linear(x, layout, bias)
+    y.backward(grad)
+    assert x.grad.dtype == dtype and x.grad.shape == x.shape
+    w, bound = weight_and_bound(p)
+    ref, scale = grad.double() @ w, grad.double().abs() @ bound
+    err = (x.grad.double() - ref).abs()
+    assert bool((err <= TOL[dtype] * scale + 1e-30).all()), float((err / scale.clamp(min=1e-30)).max())
+    torch.testing.assert_close(bias.grad, grad.float().sum((0, 1)))
+    with torch.no_grad():  # without a gradient needed, the same product as before
+        assert torch.equal(cpu_linear(x, layout, bias), y.detach())
 
 
 def test_resident_bytes_at_3_bits():

@@ -334,6 +334,38 @@ def test_torch_op_and_fake_tensors() -> None:
     assert_close_to_reference(torch.ops.baq_hf.linear(x, lay.bias, layout.op_key), x, lay)
 
 
+@pytest.mark.parametrize(("name", "rows"), [("mixed", 3), ("grouped_shuffled", 20), ("zero_only", 2)])
+def test_backward_to_the_input(name: str, rows: int) -> None:
+    """With x (and the bias) needing a gradient the product goes through the op, whose backward is
+    ``grad @ W`` (W from the Triton dequantizer); nothing reaches the packed tensors."""
+    lay = layer(name)
+    layout = kernel_layout(lay)
+    x = torch.randn(2, rows, lay.in_features, device=DEVICE, requires_grad=True)
+    bias = torch.randn(lay.out_features, device=DEVICE, requires_grad=True)
+    grad = torch.randn(2, rows, lay.out_features, device=DEVICE)
+    kernels.linear(x, layout, bias).backward(grad)
+    w = lay.dequantize(torch.float32).to(DEVICE)
+    torch.testing.assert_close(x.grad, grad @ w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.grad, grad.sum((0, 1)))
+    assert all(not t.requires_grad and t.grad is None for t in lay.buffers())
+    torch.library.opcheck(
+        torch.ops.baq_hf.linear.default,
+        (x.detach().requires_grad_(), lay.bias, layout.op_key),
+        test_utils=("test_autograd_registration",),
+    )
+
+
+def test_backward_under_compile() -> None:
+    """torch.compile traces the op's autograd (one graph, the backward through the dequantizer)."""
+    lay = layer("grouped")
+    layout = kernel_layout(lay)
+    compiled = torch.compile(lambda x: kernels.linear(x, layout, None), fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, lay.in_features, device=DEVICE, requires_grad=True)
+    compiled(x).sum().backward()
+    w = lay.dequantize(torch.float32).to(DEVICE)
+    torch.testing.assert_close(x.grad, w.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+
+
 def test_compiles_without_graph_breaks() -> None:
     """torch.compile traces BaqLinear's kernel forward in one graph (fullgraph), through the op."""
     lay = layer("grouped")

@@ -2,7 +2,8 @@
 
 - :mod:`.layout`: the stored codes rearranged for the kernels (and back), plain torch.
 - :mod:`.triton_kernels`: the GEMV, the tile kernel (2-16 rows) and the dequantizer.
-- :mod:`.ops`: the forward's dispatch and ``torch.ops.baq_hf.linear`` (torch.compile, CUDA graphs).
+- :mod:`.ops`: the forward's dispatch and ``torch.ops.baq_hf.linear`` (torch.compile, CUDA graphs,
+  autograd to the input).
 - :mod:`.configs`: launch configurations, tuned tables per GPU and the fallback.
 
 Kernels take tensors (a :class:`~.layout.KernelLayout` built from a :class:`baq_hf.format.BaqWeight`),
@@ -46,11 +47,13 @@ def _ops(device: torch.device) -> ModuleType:
 def linear(x: torch.Tensor, layout: KernelLayout, bias: torch.Tensor | None) -> torch.Tensor:
     """``x W^T + b`` over a kernel layout: one allocation and one kernel launch for up to 16 rows.
 
-    Under ``torch.compile`` this goes through ``torch.ops.baq_hf.linear``; in eager mode it calls the
-    implementation directly (no dispatcher overhead). Inference only: no autograd.
+    Under ``torch.compile``, and when x or the bias needs a gradient, this goes through
+    ``torch.ops.baq_hf.linear`` (whose autograd is ``grad @ W``, W from the Triton dequantizer); else it
+    calls the implementation directly (no dispatcher overhead).
     """
     ops = _ops(x.device)
-    if torch.compiler.is_compiling():
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad or torch.compiler.is_compiling():
         return torch.ops.baq_hf.linear(x, bias, layout.op_key)
     return ops.linear(x, layout, bias)
 

@@ -168,24 +168,70 @@ def int4_input(x: torch.Tensor, layout: CpuLayout) -> torch.Tensor:
     return (ext.index_select(1, layout.gather) * layout.col_scale).to(x.dtype)
 
 
-def _decoded_product(v: torch.Tensor, layout: CpuLayout) -> torch.Tensor:
-    """``v @ (D (q4 - 8))^T`` [batch, rows] in v's dtype, the weight decoded into a temporary.
+def _decoded_weight(layout: CpuLayout, dtype: torch.dtype) -> torch.Tensor:
+    """The int4 matrix's weight ``D (q4 - 8)`` [K4, rows] in ``dtype``, decoded into a temporary.
 
     torch's CPU packing keeps row ``64 b + 32 h + j``, column k in nibble h of byte ``[b, k, j]``, so the
     transposed weight ``[k, (b, h, j)]`` decodes from runs of 32 contiguous bytes. ``D`` is fp32 from the
     stored fp16 ranges for fp32, else the bf16 scales.
     """
     k4, n_chunks = layout.gather.numel(), layout.chunk_group.numel()
-    if v.dtype == torch.float32:
-        d = v.new_zeros(n_chunks, layout.rows)
+    if dtype == torch.float32:
+        d = torch.zeros(n_chunks, layout.rows)
         span = layout.range_max.float() - layout.range_min.float()
         d[:, : layout.out_features] = span[:, layout.chunk_group].t()
     else:
-        d = layout.scales[:, :, 0].to(v.dtype)
+        d = layout.scales[:, :, 0].to(dtype)
     p = layout.packed.view(layout.rows // ROW_BLOCK, k4, CHUNK).transpose(0, 1)  # [k4, blocks, 32]
-    w = torch.stack((p & 15, p >> 4), dim=2).to(v.dtype).sub_(CENTER)  # [k4, blocks, 2, 32]
+    w = torch.stack((p & 15, p >> 4), dim=2).to(dtype).sub_(CENTER)  # [k4, blocks, 2, 32]
     w.view(n_chunks, CHUNK, layout.rows).mul_(d.unsqueeze(1))
-    return torch.mm(v, w.view(k4, layout.rows))
+    return w.view(k4, layout.rows)
+
+
+def _decoded_product(v: torch.Tensor, layout: CpuLayout) -> torch.Tensor:
+    """``v @ (D (q4 - 8))^T`` [batch, rows] in v's dtype (see :func:`_decoded_weight`)."""
+    return torch.mm(v, _decoded_weight(layout, v.dtype))
+
+
+def int4_input_backward(grad_v: torch.Tensor, layout: CpuLayout) -> torch.Tensor:
+    """The transpose of :func:`int4_input` (a linear map of x): the gradient [rows, in_features], fp32."""
+    n = layout.in_features
+    gv = grad_v.float() * layout.col_scale
+    ext = gv.new_zeros(gv.shape[0], n + layout.n_pairs).index_add_(1, layout.gather, gv)
+    from_pairs = ext[:, n:].index_select(1, layout.pair_of) * layout.pair_inv_levels
+    return ext[:, :n].index_add_(1, layout.pair_cols, from_pairs)
+
+
+class _CpuLinear(torch.autograd.Function):
+    """:func:`cpu_linear` with a backward to x (and the bias): ``grad @ W``, W decoded from the layout.
+
+    The int4 kernel has no autograd; the backward runs the forward's own product transposed (decoded
+    int4 weight, then the transpose of :func:`int4_input`), so nothing of W is kept between the passes
+    and the packed tensors get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.layout, ctx.x_shape, ctx.x_dtype = layout, x.shape, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _cpu_product(x, layout, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        layout = ctx.layout
+        m, n = layout.out_features, layout.in_features
+        compute = torch.bfloat16 if grad.dtype == torch.bfloat16 else torch.float32
+        g2 = grad.reshape(-1, m).to(compute)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            if layout.packed is None:
+                gx = g2.new_zeros(g2.shape[0], n)
+            else:
+                gx = int4_input_backward(g2 @ _decoded_weight(layout, compute)[:, :m].t(), layout)
+            grad_x = gx.to(ctx.x_dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, m).float().sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias
 
 
 def cpu_linear(
@@ -208,7 +254,16 @@ def cpu_linear(
       (|w| exceeds D only when a range excludes 0).
     - bf16: ``x / L``, the pair sums, ``D`` and the output are rounded to bf16 (2^-9 relative each), as
       in a bf16 ``F.linear``: the error is a small multiple of ``2^-9 sum_k |x_k| max(D_k, |w_k|)``.
+
+    Differentiable in x and the bias when they need a gradient (:class:`_CpuLinear`), e.g. for LoRA.
     """
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _CpuLinear.apply(x, layout, bias)
+    return _cpu_product(x, layout, bias)
+
+
+def _cpu_product(x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`cpu_linear` without autograd."""
     shape = x.shape
     if compute is None:
         compute = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32

@@ -40,7 +40,7 @@ def _config(layout: KernelLayout, rows: int, dtype: torch.dtype) -> configs.Kern
 
 
 def linear(x: torch.Tensor, layout: KernelLayout, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x W^T + b (x's dtype, last dimension ``out_features``); inference only, no autograd."""
+    """y = x W^T + b (x's dtype, last dimension ``out_features``), no autograd (the op has it)."""
     n, m = layout.in_features, layout.out_features
     if x.shape[-1] != n:
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {n}")
@@ -73,3 +73,40 @@ def linear_op(x: torch.Tensor, bias: torch.Tensor | None, layout_key: int) -> to
 @linear_op.register_fake
 def _linear_fake(x: torch.Tensor, bias: torch.Tensor | None, layout_key: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], LAYOUTS[layout_key].out_features)
+
+
+@torch.library.custom_op("baq_hf::dequantize", mutates_args=())
+def dequantize_op(layout_key: int, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.ops.baq_hf.dequantize``: W (out x in) of the layout under ``layout_key`` (the backward of
+    ``baq_hf::linear``, opaque to compile like the forward)."""
+    return tk.dequantize(LAYOUTS[layout_key], dtype)
+
+
+@dequantize_op.register_fake
+def _dequantize_fake(layout_key: int, dtype: torch.dtype) -> torch.Tensor:
+    layout = LAYOUTS[layout_key]
+    return torch.empty(layout.out_features, layout.in_features, dtype=dtype, device=layout.device)
+
+
+def _linear_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x, bias, layout_key = inputs
+    ctx.layout = LAYOUTS[layout_key]  # kept alive for the backward (LAYOUTS holds layouts weakly)
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    """``grad @ W`` with W from the Triton dequantizer (a temporary: nothing of W is kept between the
+    passes); no gradient into the packed tensors, which are not inputs of the op."""
+    layout = ctx.layout
+    g2 = grad.reshape(-1, layout.out_features)
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = torch.ops.baq_hf.dequantize(layout.op_key, g2.dtype)
+        grad_x = (g2 @ w).to(ctx.x_dtype).reshape(ctx.x_shape)
+    if ctx.needs_input_grad[1]:
+        grad_bias = g2.float().sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_bias, None
+
+
+linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
