@@ -211,16 +211,18 @@ class _CpuLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.layout, ctx.x_shape, ctx.x_dtype = layout, x.shape, x.dtype
+    def forward(
+        ctx, x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None, compute: torch.dtype
+    ) -> torch.Tensor:
+        ctx.layout, ctx.x_shape, ctx.x_dtype, ctx.compute = layout, x.shape, x.dtype, compute
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _cpu_product(x, layout, bias)
+        return _cpu_product(x, layout, bias, compute)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         layout = ctx.layout
         m, n = layout.out_features, layout.in_features
-        compute = torch.bfloat16 if grad.dtype == torch.bfloat16 else torch.float32
+        compute = ctx.compute  # the forward's product dtype
         g2 = grad.reshape(-1, m).to(compute)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -231,7 +233,7 @@ class _CpuLinear(torch.autograd.Function):
             grad_x = gx.to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.reshape(-1, m).float().sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias
+        return grad_x, None, grad_bias, None
 
 
 def cpu_linear(
@@ -257,18 +259,20 @@ def cpu_linear(
 
     Differentiable in x and the bias when they need a gradient (:class:`_CpuLinear`), e.g. for LoRA.
     """
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return _CpuLinear.apply(x, layout, bias)
-    return _cpu_product(x, layout, bias)
-
-
-def _cpu_product(x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None) -> torch.Tensor:
-    """:func:`cpu_linear` without autograd."""
-    shape = x.shape
     if compute is None:
         compute = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     elif compute not in (torch.bfloat16, torch.float32):
         raise ValueError(f"CPU compute dtype {compute} is not supported: use torch.bfloat16 or torch.float32")
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _CpuLinear.apply(x, layout, bias, compute)
+    return _cpu_product(x, layout, bias, compute)
+
+
+def _cpu_product(
+    x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None, compute: torch.dtype
+) -> torch.Tensor:
+    """:func:`cpu_linear` without autograd, in the ``compute`` dtype."""
+    shape = x.shape
     x2 = x.reshape(-1, layout.in_features).to(compute)
     m = layout.out_features
     if layout.packed is None:
