@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ from .specs import MAX_BITS as MAX_BITS  # re-exported: the format bounds every 
 # version up to its own and refuses newer ones by name.
 FORMAT_VERSION = 2
 
-# Codes unpacked per chunk on CPU, to bound the int64 temporaries of large layers.
+# Codes unpacked per chunk (a multiple of 8), to bound the temporaries of large layers.
 _UNPACK_CHUNK = 1 << 22
 
 # A loader recognises a packed layer by this tensor; the other names follow.
@@ -218,27 +219,44 @@ def pack_codes(stored_codes: torch.Tensor, stored_bits: torch.Tensor) -> torch.T
     return torch.cat(parts)
 
 
-def unpack_segment(qweight: torch.Tensor, seg: Segment, n_rows: int) -> torch.Tensor:
-    """Codes (int64, M x n_cols) of one segment, read from the dense bitstream."""
+def unpack_segment(
+    qweight: torch.Tensor, seg: Segment, n_rows: int, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """Codes (``dtype``, M x n_cols) of one segment, read from the dense bitstream.
+
+    Bit j of the stream is bit ``j % 8`` of byte ``j // 8`` of the words (little-endian int32), so the
+    codes are read from the words' bytes as uint8 bits, ``_UNPACK_CHUNK`` codes at a time (a multiple of
+    8 codes is a whole number of bytes): no int64 temporaries per code.
+    """
+    device = qweight.device
     if seg.bits == 0:
-        return torch.zeros(n_rows, seg.n_cols, dtype=torch.int64, device=qweight.device)
-    words = qweight[seg.word_start : seg.word_start + seg.n_words(n_rows)].to(torch.int64) & 0xFFFFFFFF
-    words = torch.cat([words, words.new_zeros(1)])  # a code may straddle into the next word
-    n = n_rows * seg.n_cols
-    mask = (1 << seg.bits) - 1
-    out = torch.empty(n, dtype=torch.int64, device=qweight.device)
+        return torch.zeros(n_rows, seg.n_cols, dtype=dtype, device=device)
+    words = qweight[seg.word_start : seg.word_start + seg.n_words(n_rows)].contiguous()
+    stream = words.view(torch.uint8) if sys.byteorder == "little" else _little_endian_bytes(words)
+    n, b = n_rows * seg.n_cols, seg.bits
+    shifts = torch.arange(8, dtype=torch.uint8, device=device)
+    out = torch.empty(n, dtype=dtype, device=device)
     for start in range(0, n, _UNPACK_CHUNK):
-        idx = torch.arange(start, min(n, start + _UNPACK_CHUNK), device=qweight.device, dtype=torch.int64)
-        bit = idx * seg.bits
-        lo = words[bit >> 5]
-        hi = words[(bit >> 5) + 1]
-        out[start : start + idx.numel()] = (((hi << 32) | lo) >> (bit & 31)) & mask
+        count = min(n, start + _UNPACK_CHUNK) - start
+        part = stream[start * b // 8 : (start * b + count * b + 7) // 8]
+        bit = ((part.unsqueeze(1) >> shifts) & 1).view(-1)[: count * b].view(count, b)
+        codes = out[start : start + count]
+        codes.copy_(bit[:, 0])
+        for i in range(1, b):
+            codes.bitwise_or_(bit[:, i].to(dtype) << i)
     return out.view(n_rows, seg.n_cols)
 
 
-def unpack_codes(qweight: torch.Tensor, segments: list[Segment], n_rows: int) -> torch.Tensor:
-    """All codes (int64, M x N) in storage order."""
-    return torch.cat([unpack_segment(qweight, s, n_rows) for s in segments], dim=1)
+def _little_endian_bytes(words: torch.Tensor) -> torch.Tensor:
+    """The bytes of int32 ``words`` in little-endian order on a big-endian host."""
+    return words.view(torch.uint8).view(-1, 4).flip(1).reshape(-1)
+
+
+def unpack_codes(
+    qweight: torch.Tensor, segments: list[Segment], n_rows: int, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """All codes (``dtype``, M x N) in storage order."""
+    return torch.cat([unpack_segment(qweight, s, n_rows, dtype) for s in segments], dim=1)
 
 
 def dequantize_weight(
