@@ -19,10 +19,16 @@ import importlib.machinery
 import sys
 from typing import Any
 
-__all__ = ["BaqConfig", "BaqHfQuantizer", "BaqLinear", "models", "register"]
+__all__ = ["BaqConfig", "BaqHfQuantizer", "BaqLinear", "models", "register", "set_cpu_compute_dtype"]
 __version__ = "0.1.0"
 
-_LAZY = {"BaqConfig": "config", "BaqHfQuantizer": "quantizer", "BaqLinear": "linear", "models": "models"}
+_LAZY = {
+    "BaqConfig": "config",
+    "BaqHfQuantizer": "quantizer",
+    "BaqLinear": "linear",
+    "models": "models",
+    "set_cpu_compute_dtype": "linear",
+}
 
 
 def __getattr__(name: str) -> Any:

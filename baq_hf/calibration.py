@@ -28,6 +28,7 @@ from .checkpoint import ResumeState
 from .config import BaqConfig
 from .gptq import HessianAccumulator, LayerResult, quantize_weight
 from .linear import BaqLinear
+from .rotation import block_for
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ def plan_quantization(model: nn.Module, config: BaqConfig) -> QuantizationPlan:
                         "modules_to_not_convert"
                     )
                 else:
+                    if config.rotation is not None:
+                        block_for(n_in, config.rotation_block, full)  # refuses an impossible size now
                     names.append(sub)
             elif any(p.dim() >= 2 for p in module.parameters(recurse=False)):  # own weights, any nesting
                 skipped[full.rstrip(".")] = f"unsupported layer type {type(module).__name__}"
@@ -331,7 +334,7 @@ def quantize_block(
         mod = block.get_submodule(name)
         layer_spec = spec if layer_bits is None else dataclasses.replace(spec, bits=layer_bits[name])
         result = quantize_weight(w, h, layer_spec, f"{prefix}.{name}")
-        _set_weight(mod, result.q.to(mod.weight.device))
+        _set_weight(mod, result.effective_weight().to(mod.weight.device))
         results[name] = result
         s = result.stats
         logger.info(

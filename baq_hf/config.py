@@ -13,7 +13,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import register
 from .format import FORMAT_VERSION
-from .specs import ALLOCATIONS, BUDGETS, MAX_BITS, WEIGHTINGS, SolverSpec
+from .specs import ALLOCATIONS, BUDGETS, MAX_BITS, ROTATIONS, WEIGHTINGS, SolverSpec
 
 
 class BaqConfig(QuantizationConfigMixin):
@@ -48,6 +48,12 @@ class BaqConfig(QuantizationConfigMixin):
         budget_measurement: a file where "model" saves its first pass (or reads it, if it exists and
             was made with the same settings), so another ``bits`` is solved without measuring again.
         compare_uniform: also run uniform GPTQ on every layer to report the measured Ratio_L.
+        rotation: None, or "hadamard": quantize every layer in a randomized Hadamard basis of its inputs
+            (W x = (W S H^T)(H S x), incoherence processing as in QuIP), stored as the layer's random
+            signs and applied to x in every forward; the signs come from ``seed`` and the layer's name.
+        rotation_block: None (one transform over all inputs: sizes K x 2^k, K in 1, 12, 20, 28, 36, ...)
+            or a block width: each layer rotates blocks of the largest Hadamard size that is at most
+            this and divides its input size (so inputs mix only within a block).
         true_sequential: quantize the sub-layers of a block in execution order, each on the inputs
             produced by the already-quantized ones.
         resume_dir: a folder where the state after every block is saved; a rerun with the same folder,
@@ -82,6 +88,8 @@ class BaqConfig(QuantizationConfigMixin):
         budget_weighting: str = "fisher",
         budget_measurement: str | None = None,
         compare_uniform: bool = False,
+        rotation: str | None = None,
+        rotation_block: int | None = None,
         true_sequential: bool = True,
         resume_dir: str | None = None,
         keep_float32: bool = False,
@@ -109,6 +117,8 @@ class BaqConfig(QuantizationConfigMixin):
         self.budget_weighting = budget_weighting
         self.budget_measurement = budget_measurement
         self.compare_uniform = compare_uniform
+        self.rotation = rotation
+        self.rotation_block = rotation_block
         self.true_sequential = true_sequential
         self.resume_dir = resume_dir
         self.keep_float32 = keep_float32
@@ -194,6 +204,18 @@ class BaqConfig(QuantizationConfigMixin):
         ):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "it must be True or False")
+        if self.rotation is not None and self.rotation not in ROTATIONS:
+            fail("rotation", f"use None or one of {list(ROTATIONS)}")
+        if self.rotation_block is not None:
+            if isinstance(self.rotation_block, bool) or not isinstance(self.rotation_block, int):
+                fail("rotation_block", "give None or an integer block width such as 64 or 128")
+            if self.rotation_block < 2:
+                fail(
+                    "rotation_block",
+                    "use a block width of at least 2 (64 to 256 keep the variance between blocks)",
+                )
+            if self.rotation is None:
+                fail("rotation_block", "it needs rotation='hadamard'")
         if self.num_samples < 1:
             fail("num_samples", "use at least 1 calibration window (GPTQ uses 128)")
         if self.seqlen < 2:

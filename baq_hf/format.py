@@ -13,6 +13,13 @@ One quantized weight W (M out x N in) is stored as:
   at bit ``(i * n_R + k) * R``); each segment starts at a 32-bit word boundary. 0-bit columns store
   nothing and dequantize to 0.
 
+- ``rotation_signs`` (int8, N) and ``rotation_block`` (int32, 1), only for layers quantized with a
+  rotation (``BaqConfig.rotation``): the layer computes ``W' (R x)`` with ``R = H S``, S the diagonal of
+  the +-1 signs and H the orthonormal Hadamard matrix applied to every block of ``rotation_block``
+  consecutive inputs (baq_hf/rotation.py). The codes describe the rotated weight ``W' = W R^T``;
+  :meth:`BaqWeight.dequantize` returns W', :meth:`BaqWeight.effective_weight` the weight ``W' R`` that
+  acts on un-rotated inputs.
+
 - ``bias`` (M, only when the layer has one): not quantized, in a float dtype of the checkpoint's choice.
 
 :data:`TENSORS` declares these tensors once (names, dtypes, shape rules, which are optional);
@@ -33,11 +40,13 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from .rotation import Rotation, hadamard_factor
 from .specs import MAX_BITS as MAX_BITS  # re-exported: the format bounds every bitwidth
 
 # Version of the stored format, saved in every checkpoint's quantization config. 1: checkpoints written
@@ -45,7 +54,7 @@ from .specs import MAX_BITS as MAX_BITS  # re-exported: the format bounds every 
 # version up to its own and refuses newer ones by name.
 FORMAT_VERSION = 2
 
-# Codes unpacked per chunk on CPU, to bound the int64 temporaries of large layers.
+# Codes unpacked per chunk (a multiple of 8), to bound the temporaries of large layers.
 _UNPACK_CHUNK = 1 << 22
 
 # A loader recognises a packed layer by this tensor; the other names follow.
@@ -210,27 +219,44 @@ def pack_codes(stored_codes: torch.Tensor, stored_bits: torch.Tensor) -> torch.T
     return torch.cat(parts)
 
 
-def unpack_segment(qweight: torch.Tensor, seg: Segment, n_rows: int) -> torch.Tensor:
-    """Codes (int64, M x n_cols) of one segment, read from the dense bitstream."""
+def unpack_segment(
+    qweight: torch.Tensor, seg: Segment, n_rows: int, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """Codes (``dtype``, M x n_cols) of one segment, read from the dense bitstream.
+
+    Bit j of the stream is bit ``j % 8`` of byte ``j // 8`` of the words (little-endian int32), so the
+    codes are read from the words' bytes as uint8 bits, ``_UNPACK_CHUNK`` codes at a time (a multiple of
+    8 codes is a whole number of bytes): no int64 temporaries per code.
+    """
+    device = qweight.device
     if seg.bits == 0:
-        return torch.zeros(n_rows, seg.n_cols, dtype=torch.int64, device=qweight.device)
-    words = qweight[seg.word_start : seg.word_start + seg.n_words(n_rows)].to(torch.int64) & 0xFFFFFFFF
-    words = torch.cat([words, words.new_zeros(1)])  # a code may straddle into the next word
-    n = n_rows * seg.n_cols
-    mask = (1 << seg.bits) - 1
-    out = torch.empty(n, dtype=torch.int64, device=qweight.device)
+        return torch.zeros(n_rows, seg.n_cols, dtype=dtype, device=device)
+    words = qweight[seg.word_start : seg.word_start + seg.n_words(n_rows)].contiguous()
+    stream = words.view(torch.uint8) if sys.byteorder == "little" else _little_endian_bytes(words)
+    n, b = n_rows * seg.n_cols, seg.bits
+    shifts = torch.arange(8, dtype=torch.uint8, device=device)
+    out = torch.empty(n, dtype=dtype, device=device)
     for start in range(0, n, _UNPACK_CHUNK):
-        idx = torch.arange(start, min(n, start + _UNPACK_CHUNK), device=qweight.device, dtype=torch.int64)
-        bit = idx * seg.bits
-        lo = words[bit >> 5]
-        hi = words[(bit >> 5) + 1]
-        out[start : start + idx.numel()] = (((hi << 32) | lo) >> (bit & 31)) & mask
+        count = min(n, start + _UNPACK_CHUNK) - start
+        part = stream[start * b // 8 : (start * b + count * b + 7) // 8]
+        bit = ((part.unsqueeze(1) >> shifts) & 1).view(-1)[: count * b].view(count, b)
+        codes = out[start : start + count]
+        codes.copy_(bit[:, 0])
+        for i in range(1, b):
+            codes.bitwise_or_(bit[:, i].to(dtype) << i)
     return out.view(n_rows, seg.n_cols)
 
 
-def unpack_codes(qweight: torch.Tensor, segments: list[Segment], n_rows: int) -> torch.Tensor:
-    """All codes (int64, M x N) in storage order."""
-    return torch.cat([unpack_segment(qweight, s, n_rows) for s in segments], dim=1)
+def _little_endian_bytes(words: torch.Tensor) -> torch.Tensor:
+    """The bytes of int32 ``words`` in little-endian order on a big-endian host."""
+    return words.view(torch.uint8).view(-1, 4).flip(1).reshape(-1)
+
+
+def unpack_codes(
+    qweight: torch.Tensor, segments: list[Segment], n_rows: int, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """All codes (``dtype``, M x N) in storage order."""
+    return torch.cat([unpack_segment(qweight, s, n_rows, dtype) for s in segments], dim=1)
 
 
 def dequantize_weight(
@@ -328,12 +354,19 @@ class WeightShape:
 
     @classmethod
     def of(
-        cls, out_features: int, in_features: int, n_words: int, group_size: int = -1, has_bias: bool = False
+        cls,
+        out_features: int,
+        in_features: int,
+        n_words: int,
+        group_size: int = -1,
+        has_bias: bool = False,
+        rotated: bool = False,
     ) -> WeightShape:
         """The shape of a layer with one range per row (group_size -1) or per ``group_size`` columns."""
         n_groups = 1 if group_size == -1 else in_features // group_size
         # one group spanning the row is the per-row layout (no group_index): group_size == in_features
         optional = {name for name, on in (("group_index", n_groups > 1), (BIAS, has_bias)) if on}
+        optional |= set(ROTATION_NAMES) if rotated else set()
         return cls(out_features, in_features, n_words, n_groups, frozenset(optional))
 
     @property
@@ -348,6 +381,10 @@ class WeightShape:
     @property
     def has_bias(self) -> bool:
         return BIAS in self.optional
+
+    @property
+    def rotated(self) -> bool:
+        return ROTATION_SIGNS in self.optional
 
     def specs(self) -> tuple[TensorSpec, ...]:
         """The declared tensors this layer stores (the bias included, when it has one)."""
@@ -399,6 +436,11 @@ class WeightShape:
         if "weight" not in shapes or len(shapes["weight"]) != 1:
             raise ValueError(f"checkpoint tensor {name}.weight (the packed codes) is missing or not 1-D")
         optional = frozenset(t.name for t in TENSORS if t.optional and t.name in shapes)
+        if len(optional & set(ROTATION_NAMES)) == 1:
+            raise ValueError(
+                f"checkpoint layer {name!r} stores {sorted(optional & set(ROTATION_NAMES))} alone: a rotated "
+                f"layer stores both {list(ROTATION_NAMES)}; the checkpoint is damaged, re-quantize it"
+            )
         shape = cls(n_out, n_in, shapes["weight"][0], n_groups, optional)
         for spec in shape.specs():
             if shapes[spec.name] != spec.shape(shape):
@@ -450,6 +492,8 @@ class TensorSpec:
 # accounting, the kernel layouts and the docs' table all go through this list. The bias belongs to the
 # module (a parameter), the others to the packed weight (:class:`BaqWeight`).
 BIAS = "bias"
+ROTATION_SIGNS, ROTATION_BLOCK = "rotation_signs", "rotation_block"
+ROTATION_NAMES = (ROTATION_SIGNS, ROTATION_BLOCK)  # stored together or not at all
 TENSORS: tuple[TensorSpec, ...] = (
     TensorSpec("weight", torch.int32, lambda s: (s.n_words,), doc="the packed codes (qweight)"),
     TensorSpec(HEADER_TENSOR, torch.uint8, lambda s: ((s.in_features + 1) // 2,), doc="4-bit bitwidths"),
@@ -457,6 +501,8 @@ TENSORS: tuple[TensorSpec, ...] = (
     TensorSpec("range_min", torch.float16, lambda s: (s.out_features, s.n_groups), doc="grid minimum"),
     TensorSpec("range_max", torch.float16, lambda s: (s.out_features, s.n_groups), doc="grid maximum"),
     TensorSpec("group_index", torch.int32, lambda s: (s.in_features,), True, "range group of a column"),
+    TensorSpec(ROTATION_SIGNS, torch.int8, lambda s: (s.in_features,), True, "input rotation: +-1 signs S"),
+    TensorSpec(ROTATION_BLOCK, torch.int32, lambda s: (1,), True, "input rotation: Hadamard block size"),
     TensorSpec(BIAS, None, lambda s: (s.out_features,), True, "the layer's bias, not quantized"),
 )
 TENSOR_NAMES = tuple(t.name for t in TENSORS)
@@ -478,6 +524,7 @@ class BaqWeight:
         self.in_features = self.tensors["perm"].numel()
         self._stored_bits: torch.Tensor | None = None
         self._segments: list[Segment] | None = None
+        self._rotation: Rotation | None = None
 
     qweight = property(lambda self: self.tensors["weight"], doc="the packed codes (int32 words)")
     bits_header = property(lambda self: self.tensors[HEADER_TENSOR])
@@ -485,6 +532,14 @@ class BaqWeight:
     range_min = property(lambda self: self.tensors["range_min"])
     range_max = property(lambda self: self.tensors["range_max"])
     group_index = property(lambda self: self.tensors.get("group_index"))
+
+    @property
+    def rotation(self) -> Rotation | None:
+        """The input rotation R of a rotated layer (read once: the block size is a host integer)."""
+        if self._rotation is None and ROTATION_SIGNS in self.tensors:
+            block = int(self.tensors[ROTATION_BLOCK].reshape(-1)[0])
+            self._rotation = Rotation(self.tensors[ROTATION_SIGNS], block)
+        return self._rotation
 
     @property
     def shape(self) -> WeightShape:
@@ -507,8 +562,10 @@ class BaqWeight:
         range_min: torch.Tensor,
         range_max: torch.Tensor,
         group_of_column: torch.Tensor | None,
+        rotation: Rotation | None = None,
     ) -> BaqWeight:
-        """Sort columns by bitwidth and pack them (``codes`` M x N, ``bits`` and groups in column order)."""
+        """Sort columns by bitwidth and pack them (``codes`` M x N, ``bits`` and groups in column order;
+        with a ``rotation``, columns of the rotated weight)."""
         bits = bits.cpu().long()
         perm = torch.sort(bits, stable=True).indices
         stored_bits = bits[perm]
@@ -521,6 +578,9 @@ class BaqWeight:
         }
         if group_of_column is not None and range_min.shape[1] > 1:  # one group: the per-row layout
             tensors["group_index"] = group_of_column.cpu()[perm].to(torch.int32)
+        if rotation is not None:
+            tensors[ROTATION_SIGNS] = rotation.signs.cpu().to(torch.int8)
+            tensors[ROTATION_BLOCK] = torch.tensor([rotation.block], dtype=torch.int32)
         return cls(codes.shape[0], tensors)
 
     @classmethod
@@ -533,8 +593,10 @@ class BaqWeight:
             t = torch.zeros(spec.shape(shape), dtype=spec.dtype, device=device)
             if spec.name == "perm":
                 t = torch.arange(shape.in_features, dtype=spec.dtype, device=device)
-            elif spec.name == "range_max":
+            elif spec.name in ("range_max", ROTATION_SIGNS):
                 t = torch.ones_like(t)
+            elif spec.name == ROTATION_BLOCK:
+                t = torch.full_like(t, shape.in_features)
             tensors[spec.name] = t
         return cls(shape.out_features, tensors)
 
@@ -579,7 +641,11 @@ class BaqWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The torch reference: the dense weight (out x in, original column order), computed in fp32."""
+        """The torch reference: the dense weight (out x in, original column order), computed in fp32.
+
+        For a rotated layer this is the stored, rotated weight W' (it acts on R x, exactly what GPTQ
+        produced); :meth:`effective_weight` is the one that acts on x.
+        """
         w = dequantize_weight(
             self.qweight,
             self.stored_bits.to(self.qweight.device),
@@ -589,6 +655,14 @@ class BaqWeight:
             self.group_index,
             self.out_features,
         )
+        return w if dtype is None else w.to(dtype)
+
+    def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight acting on un-rotated inputs: W' R for a rotated layer, else the same as
+        :meth:`dequantize` (for a plain float model: ``model.dequantize()``)."""
+        w = self.dequantize()
+        if self.rotation is not None:
+            w = self.rotation.unrotate_weight(w)
         return w if dtype is None else w.to(dtype)
 
 
@@ -636,6 +710,19 @@ def validate(shape: WeightShape, tensors: Mapping[str, torch.Tensor | None], nam
         gi = group_index.long()
         if int(gi.min()) < 0 or int(gi.max()) >= shape.n_groups:
             fail("group_index points outside the stored groups")
+    present = [r for r in ROTATION_NAMES if tensors.get(r) is not None]
+    if present and len(present) != len(ROTATION_NAMES):
+        fail(f"{present} stored without {sorted(set(ROTATION_NAMES) - set(present))}: a rotation needs both")
+    if present:
+        signs = tensors[ROTATION_SIGNS]
+        if not bool(((signs == 1) | (signs == -1)).all()):
+            fail(f"{ROTATION_SIGNS} must hold only +1 and -1")
+        block = int(tensors[ROTATION_BLOCK].reshape(-1)[0])
+        if not 2 <= block <= max(n, 2) or n % block or hadamard_factor(block) is None:
+            fail(
+                f"{ROTATION_BLOCK}={block} is not a Hadamard size (K x 2^k, K in 1, 12, 20, 28, 36, ...) "
+                f"dividing the {n} inputs"
+            )
     bias = tensors.get(BIAS)
     if bias is not None and not bool(torch.isfinite(bias.float()).all()):
         fail("bias contains NaN or inf")

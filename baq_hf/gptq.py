@@ -22,6 +22,7 @@ import torch
 from . import allocation as alloc
 from . import clipping
 from . import format as fmt
+from .rotation import Rotation
 from .specs import MAX_BITS, SolverSpec
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class PreparedLayer:
     u: torch.Tensor  # upper Cholesky factor of the damped inverse
     perm: torch.Tensor  # quantization order -> original column
     dead: torch.Tensor  # bool, quantization order
+    rotation: Rotation | None = None  # w and h are in the rotated basis of the inputs (spec.rotation)
 
 
 @dataclass
@@ -85,15 +87,23 @@ class LayerResult:
     range_max: torch.Tensor
     group_of_column: torch.Tensor | None
     stats: dict = field(default_factory=dict)
+    rotation: Rotation | None = None  # q, codes and bits are in the rotated basis of the inputs
 
     def pack(self) -> fmt.BaqWeight:
         """The packed weight of this result (the last part of the per-layer step)."""
-        return fmt.BaqWeight.pack(self.codes, self.bits, self.range_min, self.range_max, self.group_of_column)
+        return fmt.BaqWeight.pack(
+            self.codes, self.bits, self.range_min, self.range_max, self.group_of_column, self.rotation
+        )
+
+    def effective_weight(self) -> torch.Tensor:
+        """The quantized weight acting on un-rotated inputs (q itself without a rotation)."""
+        return self.q if self.rotation is None else self.rotation.unrotate_weight(self.q)
 
 
 def prepare(w: torch.Tensor, h: torch.Tensor, spec: SolverSpec, name: str = "") -> PreparedLayer:
     """The first part of the per-layer step, shared by quantization and the model budget's measurement:
-    (weight, Hessian) -> dead inputs zeroed -> act_order -> damped Cholesky factor of H^-1."""
+    (weight, Hessian) -> dead inputs zeroed -> rotation (spec.rotation: W R^T, R H R^T) -> act_order
+    -> damped Cholesky factor of H^-1."""
     damp_percent, act_order = spec.damp_percent, spec.act_order
     w = w.detach().float().clone()
     h = h.detach().float().clone()
@@ -102,8 +112,14 @@ def prepare(w: torch.Tensor, h: torch.Tensor, spec: SolverSpec, name: str = "") 
             f"weights of layer {name!r} contain NaN or inf; fix the checkpoint before quantizing"
         )
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    rotation = None
+    if spec.rotation is not None:
+        rotation = Rotation.for_layer(w.shape[1], spec.seed, name, spec.rotation_block)
+        w, h = rotation.rotate_weight(w), rotation.rotate_hessian(h)
+        dead = torch.diag(h) == 0
+        w[:, dead] = 0.0
+    h[dead, dead] = 1.0
     n = h.shape[0]
     perm = torch.arange(n, device=w.device)
     if act_order:
@@ -126,7 +142,7 @@ def prepare(w: torch.Tensor, h: torch.Tensor, spec: SolverSpec, name: str = "") 
             logger.warning("layer %s: Hessian not positive definite, retrying with damping %.3g", name, damp)
     h_undamped = h.clone()
     h_undamped[dead, dead] = 0.0
-    return PreparedLayer(w=w, h=h_undamped, u=u, perm=perm, dead=dead)
+    return PreparedLayer(w=w, h=h_undamped, u=u, perm=perm, dead=dead, rotation=rotation)
 
 
 def _initial_ranges(w: torch.Tensor, group_size: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,4 +387,5 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, spec: SolverSpec, name: st
         range_max=result.range_max,
         group_of_column=group_of_column,
         stats=stats,
+        rotation=prep.rotation,
     )

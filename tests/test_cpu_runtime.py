@@ -142,3 +142,60 @@ def test_resident_bytes_at_3_bits():
     p = packed_layer(256, 576, 64, bits, seed=8)
     layout = build_cpu_layout(p)
     assert layout.nbytes() <= 1.125 * 256 * 576
+
+
+def test_bf16_compute_for_fp32_inputs():
+    """The opt-in bf16 product of fp32 inputs is the bf16 product of x rounded to bf16, returned in fp32;
+    an unsupported compute dtype is refused."""
+    p = packed_layer(130, 96, 32, [1, 2, 3, 4, 5, 8] * 16, seed=9)
+    layout = build_cpu_layout(p)
+    bias = torch.randn(130)
+    for rows in (1, INT4_MAX_ROWS + 3):  # the int4 kernel and the decode path
+        x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+        y = cpu_linear(x, layout, bias, torch.bfloat16)
+        assert y.dtype == torch.float32
+        assert torch.equal(y, cpu_linear(x.bfloat16(), layout, bias).float())
+        ref, scale = reference_and_scale(p, x.bfloat16())
+        err = (y.double() - ref - bias.bfloat16().double()).abs()
+        assert bool((err <= TOL[torch.bfloat16] * (scale + bias.double().abs())).all())
+    with pytest.raises(ValueError, match=r"use torch\.bfloat16 or torch\.float32"):
+        cpu_linear(x, layout, bias, torch.float16)
+
+
+def test_set_cpu_compute_dtype_on_a_layer():
+    """The default CPU forward of fp32 inputs stays the exact fp32 product; the opt-in switches every
+    BaqLinear of a model to bf16 and None switches it back."""
+    from baq_hf.linear import BaqLinear, set_cpu_compute_dtype
+
+    first, second = (
+        packed_layer(64, 96, 32, [2, 3, 4] * 32, seed=10),
+        packed_layer(64, 64, 32, [3] * 64, seed=11),
+    )
+    model = torch.nn.Sequential(BaqLinear.from_packed(first), torch.nn.ReLU(), BaqLinear.from_packed(second))
+    a, b = build_cpu_layout(first), build_cpu_layout(second)
+    x = torch.randn(2, 96)
+    exact = model(x)
+    assert torch.equal(exact, cpu_linear(cpu_linear(x, a).relu(), b))
+    assert set_cpu_compute_dtype(model, torch.bfloat16) == 2
+    fast = model(x)
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
+    assert torch.equal(
+        fast, cpu_linear(cpu_linear(x, a, None, torch.bfloat16).relu(), b, None, torch.bfloat16)
+    )
+    assert set_cpu_compute_dtype(model, None) == 2 and torch.equal(model(x), exact)
+    with pytest.raises(ValueError, match="not supported"):
+        set_cpu_compute_dtype(model, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_unpack_every_bitwidth_across_chunks(dtype, monkeypatch):
+    """The byte-wise unpacking reads back every code of every bitwidth, also across chunk boundaries."""
+    g = torch.Generator().manual_seed(12)
+    for chunk in (8, 24, 1 << 22):
+        monkeypatch.setattr(fmt, "_UNPACK_CHUNK", chunk)
+        for bits in range(fmt.MAX_BITS + 1 if dtype != torch.uint8 else 9):
+            for m, n in ((1, 1), (3, 5), (7, 13), (65, 9)):
+                b = torch.full((n,), bits)
+                codes = torch.randint(0, 1 << bits, (m, n), generator=g)
+                got = fmt.unpack_codes(fmt.pack_codes(codes, b), fmt.segments_from_bits(b, m), m, dtype)
+                assert got.dtype == dtype and torch.equal(got, codes.to(dtype)), (bits, m, n, chunk)

@@ -244,7 +244,8 @@ def test_dequantize_after_quantizing_and_saving_gives_the_same_logits(tiny_check
         packed = model(ids).logits
         dense = model.dequantize()(ids).logits
     assert not any(isinstance(m, BaqLinear) for m in model.modules())
-    assert torch.equal(packed, dense)
+    # the packed layers' CPU product regroups the dense matmul's sums: equal up to fp32 rounding
+    torch.testing.assert_close(packed, dense, rtol=1e-4, atol=1e-5)
 
 
 def test_a_group_as_wide_as_the_row_is_stored_per_row(tiny_checkpoints, tmp_path):

@@ -10,10 +10,8 @@ from baq_hf import format as fmt
 from baq_hf.sharding import select_columns, select_rows
 
 
-def packed_layer(
-    m: int, n: int, group_size: int, shuffled_groups: bool, seed: int
-) -> dict[str, torch.Tensor]:
-    """Stored tensors of a random layer: bitwidths 0-8 (dropped columns included), optional groups."""
+def packed_layer(m: int, n: int, group_size: int, shuffled_groups: bool, seed: int) -> fmt.BaqWeight:
+    """A random packed weight: bitwidths 0-8 (dropped columns included), optional groups."""
     g = torch.Generator().manual_seed(seed)
     bits = torch.randint(0, 9, (n,), generator=g)
     codes = torch.randint(0, 1 << 16, (m, n), generator=g) % (1 << bits)
@@ -24,8 +22,7 @@ def packed_layer(
         groups = torch.arange(n) // group_size
         if shuffled_groups:  # act_order: groups in Hessian order, scattered over the input columns
             groups = groups[torch.randperm(n, generator=g)]
-    packed = fmt.pack_weight(codes, bits, rmin, rmax, groups)
-    return packed.tensors()
+    return fmt.BaqWeight.pack(codes, bits, rmin, rmax, groups)
 
 
 # (out, in, group_size, groups scattered as with act_order)
@@ -35,13 +32,13 @@ CASES = [(24, 64, -1, False), (24, 64, 16, False), (24, 64, 16, True), (12, 96, 
 @pytest.mark.parametrize(("m", "n", "group_size", "shuffled"), CASES)
 @pytest.mark.parametrize("tp", [2, 4])
 def test_row_parallel_slices_dequantize_to_the_weights_columns(m, n, group_size, shuffled, tp):
-    tensors = packed_layer(m, n, group_size, shuffled, seed=m + n + tp)
-    full = BaqLinear.from_tensors(tensors).dequantize()
+    weight = packed_layer(m, n, group_size, shuffled, seed=m + n + tp)
+    full = BaqLinear.from_packed(weight).dequantize()
     width = n // tp
     x = torch.randn(3, n, dtype=torch.float64)
     partial = torch.zeros(3, m, dtype=torch.float64)
     for rank in range(tp):
-        part = BaqLinear.from_tensors(select_columns(tensors, rank * width, (rank + 1) * width))
+        part = BaqLinear.from_packed(select_columns(weight, rank * width, (rank + 1) * width))
         w = part.dequantize()
         assert torch.equal(w, full[:, rank * width : (rank + 1) * width])
         partial += x[:, rank * width : (rank + 1) * width] @ w.double().T  # what the all-reduce sums
@@ -51,25 +48,25 @@ def test_row_parallel_slices_dequantize_to_the_weights_columns(m, n, group_size,
 @pytest.mark.parametrize(("m", "n", "group_size", "shuffled"), CASES)
 @pytest.mark.parametrize("tp", [3])
 def test_column_parallel_slices_dequantize_to_the_weights_rows(m, n, group_size, shuffled, tp):
-    tensors = packed_layer(m, n, group_size, shuffled, seed=m * n + tp)
-    full = BaqLinear.from_tensors(tensors).dequantize()
+    weight = packed_layer(m, n, group_size, shuffled, seed=m * n + tp)
+    full = BaqLinear.from_packed(weight).dequantize()
     rows = m // tp
     parts = [
-        BaqLinear.from_tensors(select_rows(tensors, r * rows, (r + 1) * rows)).dequantize() for r in range(tp)
+        BaqLinear.from_packed(select_rows(weight, r * rows, (r + 1) * rows)).dequantize() for r in range(tp)
     ]
     assert torch.equal(torch.cat(parts), full)
 
 
 def test_column_slice_of_a_row_slice_is_the_block():
-    tensors = packed_layer(12, 48, 8, True, seed=3)
-    full = BaqLinear.from_tensors(tensors).dequantize()
-    block = select_columns(select_rows(tensors, 4, 8), 24, 48)
-    assert torch.equal(BaqLinear.from_tensors(block).dequantize(), full[4:8, 24:48])
+    weight = packed_layer(12, 48, 8, True, seed=3)
+    full = BaqLinear.from_packed(weight).dequantize()
+    block = select_columns(select_rows(weight, 4, 8), 24, 48)
+    assert torch.equal(BaqLinear.from_packed(block).dequantize(), full[4:8, 24:48])
 
 
 def test_slices_outside_the_layer_are_refused():
-    tensors = packed_layer(8, 16, -1, False, seed=0)
+    weight = packed_layer(8, 16, -1, False, seed=0)
     with pytest.raises(ValueError, match="outside the layer's 8 output rows"):
-        select_rows(tensors, 4, 12)
+        select_rows(weight, 4, 12)
     with pytest.raises(ValueError, match="outside the layer's 16 input columns"):
-        select_columns(tensors, 8, 8)
+        select_columns(weight, 8, 8)

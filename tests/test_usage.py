@@ -62,6 +62,8 @@ def saved(tiny_checkpoints, tmp_path_factory):
         "opt": ("opt", {}),
         # groups in act-order, symmetric ranges: every optional tensor and code path of the format
         "llama-grouped": ("llama", {"group_size": 32, "act_order": True, "sym": True, "bits": 2.75}),
+        # the input rotation: 64 inputs (Walsh-Hadamard) and 96 = 12 x 8 (Paley's 12 by Kronecker)
+        "llama-rotated": ("llama", {"rotation": "hadamard"}),
     }
     for name, (arch, extra) in variants.items():
         settings = {"bits": 2.5, "dataset": calibration_ids(), "num_samples": 8, "seqlen": 32, **extra}
@@ -234,7 +236,7 @@ def test_dequantize_gives_a_plain_model(saved, tmp_path):
     assert torch.equal(logits(again), logits(plain))
 
 
-@pytest.mark.parametrize("variant", ["llama", "opt", "llama-grouped"])
+@pytest.mark.parametrize("variant", ["llama", "opt", "llama-grouped", "llama-rotated"])
 def test_format_doc_numpy_dequantizer_is_bit_exact(saved, variant):
     """docs/format.md's NumPy reader, run as printed, reproduces BaqLinear.dequantize() bit for bit."""
     from safetensors import safe_open
@@ -256,3 +258,25 @@ def test_format_doc_numpy_dequantizer_is_bit_exact(saved, variant):
         expected = layer.dequantize().numpy()
         got = namespace["dequantize"](tensors, name)
         assert got.dtype == np.float32 and np.array_equal(got.view(np.int32), expected.view(np.int32)), name
+
+
+def test_format_doc_numpy_rotation_gives_the_effective_weight(saved):
+    """docs/format.md's NumPy rotation reader gives BaqLinear.effective_weight() (to fp32 rounding)."""
+    from safetensors import safe_open
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "format.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if "def dequantize(" in b]
+    (rotation,) = [
+        b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if "def rotation_matrix(" in b
+    ]
+    namespace: dict = {}
+    exec(blocks[0], namespace)
+    exec(rotation, namespace)
+    model, folder = saved["llama-rotated"]
+    layers = baq_layers(model)
+    assert {layer.in_features for layer in layers.values()} == {64, 96}
+    for name, layer in layers.items():
+        with safe_open(str(folder / "model.safetensors"), "np") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(name + ".")}  # noqa: SIM118
+        got = namespace["effective_weight"](tensors, name)
+        assert np.allclose(got, layer.effective_weight().numpy(), atol=1e-5), name

@@ -97,7 +97,8 @@ def build_cpu_layout(weight: fmt.BaqWeight) -> CpuLayout:
     range_min, range_max = weight.range_min.cpu(), weight.range_max.cpu()
     m, n = weight.out_features, weight.in_features
     bits = weight.stored_bits
-    codes = fmt.unpack_codes(weight.qweight.cpu(), weight.segments, m)  # int64 [m, n], stored order
+    small = torch.uint8 if not bits.numel() or int(bits.max()) <= 8 else torch.int16  # small temporaries
+    codes = fmt.unpack_codes(weight.qweight.cpu(), weight.segments, m, small)  # [m, n], stored order
     groups = group_index.long().cpu() if group_index is not None else torch.zeros(n, dtype=torch.long)
     rmin, rmax = range_min.cpu(), range_max.cpu()
     levels = ((1 << bits) - 1).float()
@@ -111,7 +112,7 @@ def build_cpu_layout(weight: fmt.BaqWeight) -> CpuLayout:
         n_cols = 0
         for i in range(_nibbles(int(bits[mine].max()))):  # nibble i of every column that has it
             have = mine[bits[mine] > NIBBLE * i]
-            col_codes.append((codes[:, have] >> (NIBBLE * i)) & 15)
+            col_codes.append(((codes[:, have] >> (NIBBLE * i)) & 15).to(torch.uint8))
             sources.append(perm[have].long())
             mults.append(16.0**i / levels[have])
             n_cols += have.numel()
@@ -120,12 +121,12 @@ def build_cpu_layout(weight: fmt.BaqWeight) -> CpuLayout:
             _, zero = fmt.grid(rmin[:, g], rmax[:, g], r)
             offset = CENTER * sum(16**i for i in range(_nibbles(r)))
             for i, digit in enumerate(_balanced_digits(zero.long() - offset)):
-                col_codes.append((digit + CENTER).unsqueeze(1))
+                col_codes.append((digit + CENTER).to(torch.uint8).unsqueeze(1))
                 sources.append(torch.tensor([n + p]))
                 mults.append(torch.tensor([-(16.0**i)]))
                 n_cols += 1
         pad = (-n_cols) % CHUNK
-        col_codes.append(torch.full((m, pad), CENTER, dtype=torch.long))
+        col_codes.append(torch.full((m, pad), CENTER, dtype=torch.uint8))
         sources.append(torch.zeros(pad, dtype=torch.long))
         mults.append(torch.zeros(pad))
         chunk_group += [g] * ((n_cols + pad) // CHUNK)
@@ -136,7 +137,7 @@ def build_cpu_layout(weight: fmt.BaqWeight) -> CpuLayout:
     packed = None
     if chunk_group:
         q4 = torch.full((rows, CHUNK * len(chunk_group)), CENTER, dtype=torch.int32)
-        q4[:m] = torch.cat(col_codes, dim=1).to(torch.int32)
+        q4[:m] = torch.cat(col_codes, dim=1)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1)
     return CpuLayout(
         out_features=m,
@@ -210,16 +211,18 @@ class _CpuLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.layout, ctx.x_shape, ctx.x_dtype = layout, x.shape, x.dtype
+    def forward(
+        ctx, x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None, compute: torch.dtype
+    ) -> torch.Tensor:
+        ctx.layout, ctx.x_shape, ctx.x_dtype, ctx.compute = layout, x.shape, x.dtype, compute
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _cpu_product(x, layout, bias)
+        return _cpu_product(x, layout, bias, compute)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         layout = ctx.layout
         m, n = layout.out_features, layout.in_features
-        compute = torch.bfloat16 if grad.dtype == torch.bfloat16 else torch.float32
+        compute = ctx.compute  # the forward's product dtype
         g2 = grad.reshape(-1, m).to(compute)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -230,11 +233,20 @@ class _CpuLinear(torch.autograd.Function):
             grad_x = gx.to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.reshape(-1, m).float().sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias
+        return grad_x, None, grad_bias, None
 
 
-def cpu_linear(x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None = None) -> torch.Tensor:
+def cpu_linear(
+    x: torch.Tensor,
+    layout: CpuLayout,
+    bias: torch.Tensor | None = None,
+    compute: torch.dtype | None = None,
+) -> torch.Tensor:
     """``x @ W^T + bias`` for CPU ``x`` of any leading shape, W the layer's dequantized weight.
+
+    ``compute`` (bf16 or fp32) overrides the dtype the product is computed in; None: bf16 for bf16
+    ``x``, else fp32. The result has x's dtype. bf16 for fp32 ``x`` is the fast opt-in of
+    :func:`baq_hf.linear.set_cpu_compute_dtype` (bf16 accuracy below).
 
     Accuracy against the reference ``x @ format.dequantize_weight(...)^T`` (tests/test_cpu_runtime.py):
     - fp32 (fp16 computes in fp32): the same products regrouped. Per weight ``(D/L)(q - z) x`` becomes
@@ -247,15 +259,20 @@ def cpu_linear(x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None = N
 
     Differentiable in x and the bias when they need a gradient (:class:`_CpuLinear`), e.g. for LoRA.
     """
+    if compute is None:
+        compute = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    elif compute not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"CPU compute dtype {compute} is not supported: use torch.bfloat16 or torch.float32")
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return _CpuLinear.apply(x, layout, bias)
-    return _cpu_product(x, layout, bias)
+        return _CpuLinear.apply(x, layout, bias, compute)
+    return _cpu_product(x, layout, bias, compute)
 
 
-def _cpu_product(x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None) -> torch.Tensor:
-    """:func:`cpu_linear` without autograd."""
+def _cpu_product(
+    x: torch.Tensor, layout: CpuLayout, bias: torch.Tensor | None, compute: torch.dtype
+) -> torch.Tensor:
+    """:func:`cpu_linear` without autograd, in the ``compute`` dtype."""
     shape = x.shape
-    compute = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     x2 = x.reshape(-1, layout.in_features).to(compute)
     m = layout.out_features
     if layout.packed is None:
