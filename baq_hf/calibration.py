@@ -38,6 +38,8 @@ QUANTIZABLE = (nn.Linear, Conv1D)
 def is_quantizable(module: nn.Module) -> bool:
     """A float Linear or Conv1D (a BaqLinear is an nn.Linear too, already quantized)."""
     return isinstance(module, QUANTIZABLE) and not isinstance(module, BaqLinear)
+
+
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 

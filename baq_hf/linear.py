@@ -13,7 +13,7 @@ from . import format as fmt
 from . import kernels
 from .kernels.cpu import CpuLayout, build_cpu_layout, cpu_linear
 from .kernels.layout import LAYOUTS, KernelLayout, build_layout, register_layout, stored_qweight
-from .packed import PackedCodes, packed_view
+from .packed import PackedCodes, packed_view, plain
 
 FORCE_TORCH_ENV = "BAQ_HF_FORCE_TORCH"
 # Buffers that define the format's exact quantization grid (stored as float16): they follow device moves
@@ -47,6 +47,9 @@ class BaqLinear(nn.Linear):
         rotated: bool = False,
     ):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float weight
+        # transformers initializes the nn.Linear it finds not loaded (e.g. offloaded to disk): a BaqLinear
+        # holds only what a checkpoint or the quantizer gave it, never an initialization
+        self._is_hf_initialized = True
         if group_size != -1 and (group_size <= 0 or in_features % group_size):
             raise ValueError(
                 f"group_size={group_size} must be -1 or divide in_features={in_features}; "
@@ -130,8 +133,8 @@ class BaqLinear(nn.Linear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._codes_in_layout:  # the stored words, rebuilt exactly from the kernel layout
-            destination[prefix + "weight"] = self.qweight
+        # the stored words as a plain tensor (rebuilt exactly from the kernel layout if it holds them)
+        destination[prefix + "weight"] = self.qweight
 
     def _apply(self, fn, recurse=True):
         """nn.Module._apply, except that the range buffers keep their dtype (float16 in the format).
@@ -157,8 +160,7 @@ class BaqLinear(nn.Linear):
         if words is None:
             raise AttributeError("weight")  # not registered yet (register_buffer asks hasattr first)
         view = packed_view(words)
-        if getattr(words, "_is_hf_initialized", False):  # loaded: transformers' init must skip it
-            view._is_hf_initialized = True
+        view._is_hf_initialized = True  # for model inits that reach in (GPT-2's c_proj): skip the codes
         return view
 
     @property
@@ -166,13 +168,12 @@ class BaqLinear(nn.Linear):
         """The packed codes (int32 words), stored in the checkpoint as ``<layer>.weight``."""
         if self._codes_in_layout:
             return stored_qweight(self._kernel_layout)
-        return self._buffers["weight"]
+        return plain(self._buffers["weight"])
 
     def _stored(self) -> dict[str, torch.Tensor]:
         """The weight's buffers by stored name (the codes as stored, even while a layout holds them)."""
         out = {n: b for n in _WEIGHT_NAMES if (b := self._buffers.get(n)) is not None}
-        if self._codes_in_layout:
-            out["weight"] = self.qweight
+        out["weight"] = self.qweight
         return out
 
     @property

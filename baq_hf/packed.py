@@ -6,8 +6,8 @@ reads and writes ``layer.weight`` as a float matrix: peft's merge adds ``delta.t
 it, DoRA takes its norm, PiSSA its SVD. On the raw int32 words that would silently corrupt the codes
 or compute garbage, so ``weight`` is this view of them: metadata (shape, dtype, device, data_ptr,
 ...), ``.data``, ``.detach()`` and device moves work, every other torch function or method raises a
-PackedCodesError that says what to use instead. The words themselves stay a plain tensor in the layer's buffers, so
-state_dict, safetensors, device moves and accelerate see exactly what they saw before.
+PackedCodesError that says what to use instead. The words themselves stay a plain tensor in the
+layer's buffers, so state_dict, safetensors, device moves and accelerate see what they saw before.
 """
 
 from __future__ import annotations
@@ -67,13 +67,21 @@ class PackedCodes(torch.Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 out = func(*args, **kwargs)
             if out.dtype == args[0].dtype:
-                return out
+                return plain(out)  # (a move to the same device returns the view itself)
             name = f"{name}({out.dtype})"
         raise PackedCodesError(REFUSAL.format(what=f"`{name}`"))
 
     def __deepcopy__(self, memo: dict) -> PackedCodes:
         with torch._C.DisableTorchFunctionSubclass():
             return packed_view(self.clone())
+
+
+def plain(words: torch.Tensor) -> torch.Tensor:
+    """The words as a plain tensor (no copy), whether or not they are seen as PackedCodes."""
+    if isinstance(words, PackedCodes):
+        with torch._C.DisableTorchFunctionSubclass():
+            return words.as_subclass(torch.Tensor)
+    return words
 
 
 def packed_view(words: torch.Tensor) -> PackedCodes:

@@ -173,7 +173,9 @@ class BaqHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype=None):
-        logger.warning("dequantizing: every BaqLinear becomes a float nn.Linear; the model is no longer quantized")
+        logger.warning(
+            "dequantizing: every BaqLinear becomes a float nn.Linear; the model is no longer quantized"
+        )
         if isinstance(dtype, str):  # transformers passes model.config.dtype, a name in some loading paths
             dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
