@@ -33,6 +33,13 @@ from .rotation import block_for
 logger = logging.getLogger(__name__)
 
 QUANTIZABLE = (nn.Linear, Conv1D)
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    """A float Linear or Conv1D (a BaqLinear is an nn.Linear too, already quantized)."""
+    return isinstance(module, QUANTIZABLE) and not isinstance(module, BaqLinear)
+
+
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
@@ -68,7 +75,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
-            count = sum(isinstance(m, QUANTIZABLE) for m in module.modules())
+            count = sum(is_quantizable(m) for m in module.modules())
             if count and (best is None or count > best[0]):
                 best = (count, name, module)
     if best is None:
@@ -89,7 +96,7 @@ def plan_quantization(model: nn.Module, config: BaqConfig) -> QuantizationPlan:
         names = []
         for sub, module in block.named_modules():
             full = f"{blocks_name}.{i}.{sub}"
-            if isinstance(module, QUANTIZABLE):
+            if is_quantizable(module):
                 w = module.weight
                 n_in = w.shape[1] if isinstance(module, nn.Linear) else w.shape[0]
                 if _excluded(full, patterns):
@@ -108,7 +115,7 @@ def plan_quantization(model: nn.Module, config: BaqConfig) -> QuantizationPlan:
                 skipped[full.rstrip(".")] = f"unsupported layer type {type(module).__name__}"
         layers.append(names)
     for name, module in model.named_modules():
-        if isinstance(module, QUANTIZABLE) and not name.startswith(f"{blocks_name}."):
+        if is_quantizable(module) and not name.startswith(f"{blocks_name}."):
             skipped[name] = "outside the decoder blocks (embeddings and lm_head stay in full precision)"
     if not any(layers):
         raise ValueError(

@@ -416,7 +416,7 @@ def _block_layers(empty: Any, skip: list[str]) -> list[dict[str, tuple[int, int]
     """Per block, (in_features, out_features) of every layer that would be quantized (not in ``skip``)."""
     from torch import nn
 
-    from .calibration import QUANTIZABLE, _excluded, find_blocks
+    from .calibration import _excluded, find_blocks, is_quantizable
 
     blocks_name, blocks = find_blocks(empty)
     out = []
@@ -424,7 +424,7 @@ def _block_layers(empty: Any, skip: list[str]) -> list[dict[str, tuple[int, int]
         shapes = {}
         for sub, module in block.named_modules():
             name = f"{blocks_name}.{i}.{sub}"
-            if isinstance(module, QUANTIZABLE) and not _excluded(name, skip):
+            if is_quantizable(module) and not _excluded(name, skip):
                 o, n = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]
                 shapes[name] = (n, o)
         out.append(shapes)

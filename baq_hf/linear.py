@@ -13,6 +13,7 @@ from . import format as fmt
 from . import kernels
 from .kernels.cpu import CpuLayout, build_cpu_layout, cpu_linear
 from .kernels.layout import LAYOUTS, KernelLayout, build_layout, register_layout, stored_qweight
+from .packed import PackedCodes, packed_view, plain
 
 FORCE_TORCH_ENV = "BAQ_HF_FORCE_TORCH"
 # Buffers that define the format's exact quantization grid (stored as float16): they follow device moves
@@ -21,8 +22,12 @@ FIXED_DTYPE_BUFFERS = ("range_min", "range_max")
 _WEIGHT_NAMES = tuple(n for n in fmt.TENSOR_NAMES if n != fmt.BIAS)  # the packed weight's buffers
 
 
-class BaqLinear(nn.Module):
+class BaqLinear(nn.Linear):
     """y = x W^T + b with W dequantized from packed per-column-bitwidth codes.
+
+    An ``nn.Linear`` (without nn.Linear's float weight) so that code dispatching on the type, such as
+    peft's LoRA, takes it as it is; :attr:`weight` is a :class:`~baq_hf.packed.PackedCodes` view of
+    the codes that refuses to be used as a float matrix (docs/fine-tuning.md).
 
     The packed weight's tensors (declared in :data:`baq_hf.format.TENSORS`) are buffers under their
     stored names, so ``state_dict``/safetensors carry them and nothing is pickled; :attr:`baq_weight` is
@@ -41,7 +46,10 @@ class BaqLinear(nn.Module):
         device: torch.device | str | None = None,
         rotated: bool = False,
     ):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float weight
+        # transformers initializes the nn.Linear it finds not loaded (e.g. offloaded to disk): a BaqLinear
+        # holds only what a checkpoint or the quantizer gave it, never an initialization
+        self._is_hf_initialized = True
         if group_size != -1 and (group_size <= 0 or in_features % group_size):
             raise ValueError(
                 f"group_size={group_size} must be -1 or divide in_features={in_features}; "
@@ -125,8 +133,8 @@ class BaqLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._codes_in_layout:  # the stored words, rebuilt exactly from the kernel layout
-            destination[prefix + "weight"] = self.qweight
+        # the stored words as a plain tensor (rebuilt exactly from the kernel layout if it holds them)
+        destination[prefix + "weight"] = self.qweight
 
     def _apply(self, fn, recurse=True):
         """nn.Module._apply, except that the range buffers keep their dtype (float16 in the format).
@@ -146,17 +154,26 @@ class BaqLinear(nn.Module):
     # ------------------------------------------------------------------ the packed weight
 
     @property
+    def weight(self) -> PackedCodes:  # type: ignore[override]
+        """The stored words (plain in the buffers) seen as :class:`~baq_hf.packed.PackedCodes`."""
+        words = self._buffers.get("weight")
+        if words is None:
+            raise AttributeError("weight")  # not registered yet (register_buffer asks hasattr first)
+        view = packed_view(words)
+        view._is_hf_initialized = True  # for model inits that reach in (GPT-2's c_proj): skip the codes
+        return view
+
+    @property
     def qweight(self) -> torch.Tensor:
         """The packed codes (int32 words), stored in the checkpoint as ``<layer>.weight``."""
         if self._codes_in_layout:
             return stored_qweight(self._kernel_layout)
-        return self.weight
+        return plain(self._buffers["weight"])
 
     def _stored(self) -> dict[str, torch.Tensor]:
         """The weight's buffers by stored name (the codes as stored, even while a layout holds them)."""
         out = {n: b for n in _WEIGHT_NAMES if (b := self._buffers.get(n)) is not None}
-        if self._codes_in_layout:
-            out["weight"] = self.qweight
+        out["weight"] = self.qweight
         return out
 
     @property
@@ -233,7 +250,7 @@ class BaqLinear(nn.Module):
             if not offloaded:
                 self._kernel_layout = layout
                 self.register_buffer("kernel_codes", layout.codes, persistent=False)
-                self._buffers["weight"] = self.weight.new_empty(0)
+                self._buffers["weight"] = self._buffers["weight"].new_empty(0)
                 self._codes_in_layout = True
         elif not torch.compiler.is_compiling() and LAYOUTS.get(layout.op_key) is not layout:
             register_layout(layout)  # a deep copy of a layer carries its layout with the original's key

@@ -173,6 +173,9 @@ class BaqHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype=None):
+        logger.warning(
+            "dequantizing: every BaqLinear becomes a float nn.Linear; the model is no longer quantized"
+        )
         if isinstance(dtype, str):  # transformers passes model.config.dtype, a name in some loading paths
             dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
@@ -194,6 +197,11 @@ class BaqHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
+        """Adapters (LoRA through peft) train on a BAQ model; the packed codes stay frozen."""
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
         return False
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:

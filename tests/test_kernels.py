@@ -304,11 +304,11 @@ def test_layout_holds_the_codes_and_gives_them_back() -> None:
     assert torch.equal(baq_linear_forward(x, twin), y)
     assert kernel_layout(twin).op_key != kernel_layout(lay).op_key  # the op finds each copy's own layout
     lay.to(DEVICE)  # a device move puts the words back into weight
-    assert torch.equal(lay.weight, before["weight"]) and lay._kernel_layout is None
+    assert torch.equal(lay.qweight, before["weight"]) and lay._kernel_layout is None
     assert "kernel_codes" not in dict(lay.named_buffers())
     baq_linear_forward(x, twin)
     twin.load_state_dict(before)  # loading into a layer whose layout holds the codes
-    assert torch.equal(twin.weight, before["weight"]) and not twin._codes_in_layout
+    assert torch.equal(twin.qweight, before["weight"]) and not twin._codes_in_layout
     assert torch.equal(baq_linear_forward(x, twin), y)
 
 
