@@ -487,6 +487,13 @@ class TensorSpec:
     optional: bool = False
     doc: str = ""
 
+    def dtype_error(self, dtype: torch.dtype) -> str | None:
+        """Why a stored tensor of ``dtype`` cannot be this one, or None (the loader checks header dtypes
+        with it before transformers casts them, :func:`validate` the loaded tensors)."""
+        expected = "a float dtype" if self.dtype is None else self.dtype
+        fits = dtype.is_floating_point if self.dtype is None else dtype == self.dtype
+        return None if fits else f"{self.name} has dtype {dtype}, expected {expected}"
+
 
 # Every tensor of a packed layer, declared once: the modules, the loader, the validation, the size
 # accounting, the kernel layouts and the docs' table all go through this list. The bias belongs to the
@@ -681,10 +688,8 @@ def validate(shape: WeightShape, tensors: Mapping[str, torch.Tensor | None], nam
         t = tensors.get(spec.name)
         if t is None:
             fail(f"{spec.name} is missing")
-        if spec.dtype is not None and t.dtype != spec.dtype:
-            fail(f"{spec.name} has dtype {t.dtype}, expected {spec.dtype}")
-        if spec.dtype is None and not t.is_floating_point():
-            fail(f"{spec.name} has dtype {t.dtype}, expected a float dtype")
+        if (wrong := spec.dtype_error(t.dtype)) is not None:
+            fail(wrong)
         if tuple(t.shape) != spec.shape(shape):
             fail(f"{spec.name} has shape {tuple(t.shape)}, expected {spec.shape(shape)}")
     try:

@@ -84,14 +84,8 @@ def build_baq_modules(model: nn.Module, layout: dict[str, dict[str, fmt.TensorIn
         shapes = {tensor: info.shape for tensor, info in tensors.items()}
         shape = fmt.WeightShape.from_shapes(shapes, key, expected)
         for spec in shape.specs():  # transformers would cast a float tensor to the buffer's int dtype
-            stored = tensors[spec.name].torch_dtype
-            if (spec.dtype is not None and stored != spec.dtype) or (
-                spec.dtype is None and not stored.is_floating_point
-            ):
-                raise ValueError(
-                    f"corrupt BAQ checkpoint: layer {key!r}: {spec.name} has dtype {stored}, expected "
-                    f"{spec.dtype or 'a float dtype'}"
-                )
+            if (wrong := spec.dtype_error(tensors[spec.name].torch_dtype)) is not None:
+                raise ValueError(f"corrupt BAQ checkpoint: layer {key!r}: {wrong}")
         bias_dtype = tensors[fmt.BIAS].torch_dtype if fmt.BIAS in tensors else torch.float32
         model.set_submodule(name, BaqLinear.from_shape(shape, bias_dtype, device="meta"))
     return len(layout)
